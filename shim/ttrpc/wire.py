@@ -1,0 +1,50 @@
+"""A strict well-formedness check of protobuf wire data.
+
+betterproto2's parser is lenient: it accepts truncated input and turns a bad wire type into a
+None field. containerd's Go peers reject such bytes, and so must we, before a handler sees a
+half-decoded request. This walks the top level of a message: every tag and varint must end,
+every length must fit, every wire type must be one of 0, 1, 2, 5 (groups are long gone).
+"""
+
+from __future__ import annotations
+
+
+class MalformedMessage(ValueError):
+    pass
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise MalformedMessage("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise MalformedMessage("varint longer than 10 bytes")
+
+
+def check_wellformed(data: bytes) -> None:
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        wire_type, field_number = key & 7, key >> 3
+        if field_number == 0:
+            raise MalformedMessage("field number 0")
+        if wire_type == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            length, pos = _varint(data, pos, end)
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise MalformedMessage(f"field {field_number} has invalid wire type {wire_type}")
+        if pos > end:
+            raise MalformedMessage(f"field {field_number} runs past the end of the message")
