@@ -1,0 +1,165 @@
+"""Fixtures for e2e tests: a private containerd per version (1.6, 1.7, 2.1) and a test image.
+
+    @pytest.mark.e2e
+    def test_x(e2e):                      # runs once per containerd version: test_x[1.6] ...
+        cid = e2e.new_id()
+        r = e2e.ctr("run", "--rm", "--runtime", PYSHIM_RUNTIME, e2e.image, cid, "true")
+        assert r.returncode == 0, r
+
+`e2e` (function scope) gives a fresh namespace with the image in it, on the session's
+`containerd` (a started PrivateContainerd, see containerd.py).  Tasks and containers left in the
+namespace are killed/deleted after the test; at the end of the session each containerd is
+stopped and the session fails if any of its processes, mounts or shim sockets remain.
+
+Environment:
+  PYSHIM_E2E_VERSIONS   comma-separated subset of 1.6,1.7,2.1 (default: all)
+  PYSHIM_E2E_REQUIRED   "1" (hack/test sets it): missing containerd/runc binaries fail instead
+                        of skipping
+  PYSHIM_E2E_TMP        where the private containerds' temp dirs go (default: $TMPDIR or /tmp)
+  PYSHIM_E2E_CACHE      where the image tarball is cached (default: .cache/e2e)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from containerd import (
+    IMAGE_REF,
+    TARGETS,
+    CtrResult,
+    PrivateContainerd,
+    build_busybox_image,
+    image_cache_dir,
+)
+
+HERE = Path(__file__).resolve().parent
+VERSION_IDS = [
+    v.strip() for v in os.environ.get("PYSHIM_E2E_VERSIONS", ",".join(TARGETS)).split(",")
+    if v.strip()
+]
+REQUIRED = os.environ.get("PYSHIM_E2E_REQUIRED") == "1"
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_root = pytest.mark.skip(
+        reason="e2e tests need root (they run containerd, runc and mounts); run hack/test as root"
+    )
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+        if not IS_ROOT and "e2e" in item.keywords:
+            item.add_marker(skip_root)
+
+
+_STARTED: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _STARTED:
+        terminalreporter.write_sep("-", "e2e containerd versions used")
+        for line in _STARTED:
+            terminalreporter.write_line(line)
+
+
+def _slug(text: str, n: int = 30) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "x"
+
+
+@pytest.fixture(scope="session")
+def busybox_image() -> Path:
+    """The OCI image tarball (built once, cached in .cache/e2e); its ref is IMAGE_REF."""
+    return build_busybox_image(image_cache_dir())
+
+
+@pytest.fixture(scope="session", params=VERSION_IDS)
+def containerd(request: pytest.FixtureRequest, busybox_image: Path):
+    """A started PrivateContainerd for one version (ids "1.6", "1.7", "2.1"); one per session."""
+    if not IS_ROOT:
+        pytest.skip("e2e tests need root")
+    target = TARGETS[request.param]
+    missing = target.missing()
+    if missing:
+        msg = f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test"
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    c = PrivateContainerd(target)
+    c.image_archive = busybox_image
+    try:
+        c.start()
+    except BaseException:
+        c.close()
+        raise
+    info = target.package_info()
+    pkg = f"{info.get('package')} {info.get('version')}, " if info else ""
+    if info and not info.get("version", "").startswith(info.get("wanted", "")):
+        pkg += f"NOT the wanted {info.get('wanted')}, "
+    _STARTED.append(
+        f"{target.id}: containerd {c.version} [{pkg}{target.source}, {target.bin_dir}], "
+        f"runc {c.runc_version} [{c.runc}], snapshotter {c.snapshotter}"
+    )
+    yield c
+    log_tail = c.log_tail(40)
+    leftovers = c.close()
+    if leftovers:
+        pytest.fail(
+            f"containerd {target.id}: left behind after cleanup:\n  " + "\n  ".join(leftovers)
+            + f"\ncontainerd log tail:\n{log_tail}"
+        )
+
+
+@dataclasses.dataclass
+class E2E:
+    """Per-test handle: a unique namespace (with the test image) on the session's containerd."""
+
+    containerd: PrivateContainerd
+    namespace: str
+    image: str = IMAGE_REF
+    _ids: itertools.count = dataclasses.field(default_factory=itertools.count)
+
+    def new_id(self, prefix: str = "c") -> str:
+        """A container id unique in the session (valid for containerd and runc)."""
+        return f"{_slug(prefix, 20)}-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+
+    def ctr(self, *args: str, **kw) -> CtrResult:
+        """containerd.ctr(...) in this test's namespace (pass namespace= to override)."""
+        kw.setdefault("namespace", self.namespace)
+        return self.containerd.ctr(*args, **kw)
+
+    @property
+    def version(self) -> str:
+        return self.containerd.target.id
+
+    @property
+    def address(self) -> str:
+        return self.containerd.address
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.containerd.ttrpc_address
+
+    @property
+    def state(self) -> Path:
+        return self.containerd.state
+
+    def bundle_dir(self, id: str) -> Path:
+        return self.containerd.bundle_dir(self.namespace, id)
+
+    def shim_socket_address(self, id: str) -> str:
+        return self.containerd.shim_socket_address(self.namespace, id)
+
+
+@pytest.fixture
+def e2e(containerd: PrivateContainerd, request: pytest.FixtureRequest):
+    ns = containerd.new_namespace(_slug(request.node.originalname, 24),
+                                  image=containerd.image_archive)
+    yield E2E(containerd, ns)
+    containerd.cleanup_namespace(ns)
