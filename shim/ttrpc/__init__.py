@@ -2,12 +2,34 @@
 
 Layers, from the wire up:
 - `frames`: the 10-byte header framing (sans-IO);
+- `wire`: a strict protobuf well-formedness check;
 - `connection`: per-connection stream bookkeeping and protocol rules (sans-IO);
 - `server` / `client`: thin asyncio adapters that move bytes and run handlers.
+
+The names below load on first use, so that `shim.ttrpc.status` or `shim.ttrpc.wire` can
+be imported on the `start` path without pulling in asyncio and the protobuf runtime.
 """
 
-from .client import Client
-from .server import CallContext, Server
-from .status import Code, ConnectionClosed, TtrpcError
+from __future__ import annotations
 
-__all__ = ["CallContext", "Client", "Code", "ConnectionClosed", "Server", "TtrpcError"]
+import importlib
+
+_EXPORTS = {
+    "Client": "client",
+    "CallContext": "server",
+    "Server": "server",
+    "Code": "status",
+    "ConnectionClosed": "status",
+    "TtrpcError": "status",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -48,3 +48,28 @@ def check_wellformed(data: bytes) -> None:
             raise MalformedMessage(f"field {field_number} has invalid wire type {wire_type}")
         if pos > end:
             raise MalformedMessage(f"field {field_number} runs past the end of the message")
+
+
+def string_fields(data: bytes) -> dict[int, bytes]:
+    """The length-delimited fields at the top level of a message, last one wins.
+
+    Enough to peek at a message without importing the protobuf runtime (the `start` path
+    uses it to tell containerd 2.3's BootstrapParams from runtime options).
+    """
+    check_wellformed(data)
+    found: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        wire_type, field_number = key & 7, key >> 3
+        if wire_type == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            length, pos = _varint(data, pos, end)
+            found[field_number] = data[pos : pos + length]
+            pos += length
+    return found
