@@ -1,0 +1,544 @@
+"""A process's stdio: pipes for runc on one side, containerd's FIFOs (or a file) on the other.
+
+containerd hands the shim three strings per process (stdin, stdout, stderr) and a terminal
+flag. `plan_stdio` reads them (pure, no I/O); `open_process_io` opens everything and returns a
+`ProcessIO` that owns every fd and the copy loops. How the shim drives it:
+
+    io = await open_process_io(stdin, stdout, stderr, uid=io_uid, gid=io_gid)
+    try:
+        spawn `runc create` / `runc exec` with io.child_fds() as its fds 0, 1, 2
+        io.start_copying()
+        io.close_child_ends()   # else EOF never arrives: we would hold a writer ourselves
+    except BaseException:
+        io.close(); raise
+    ...
+    CloseIO RPC               -> io.close_stdin()
+    process exited            -> await io.wait_output_flushed(timeout), then publish TaskExit
+    Delete                    -> io.close()
+
+Rules kept here (containerd's runc shim, `cmd/containerd-shim-runc-v2/process/io.go`):
+
+* Output FIFO: opened for writing first, which succeeds only once the client has its reading
+  end open (ctr and CRI open theirs before Create). The Go shim blocks in open(2); we poll
+  O_WRONLY|O_NONBLOCK (ENXIO = no reader yet) so the event loop never blocks, bounded by
+  `open_timeout`. Then the shim opens the FIFO for reading too and keeps that fd unused: while
+  we hold a reader our writes never fail with EPIPE, so a client may detach and re-attach
+  (containerd restarting re-opens CRI's FIFOs and the log continues). The price, same as the
+  Go shim: with no client reading, the FIFO and the pipe fill up and the container blocks on
+  write until someone reads.
+* Stdin FIFO: opened O_RDONLY|O_NONBLOCK (never waits), then the shim opens it O_WRONLY
+  itself and holds that writer until CloseIO. Without it a non-blocking FIFO reader sees EOF
+  as soon as no writer is open: before the client opened its end, or between two attaches.
+  On EOF (CloseIO and client writer closed) the pipe is closed: the container reads EOF.
+* A write that fails (EPIPE, ENOSPC, EIO, ...) stops forwarding that stream, quietly apart from
+  one warning; the pipe is still drained to nowhere so the container never blocks on it.
+  SIGPIPE must be ignored in the process (Python does at startup; the daemon does too).
+* Output is flushed when each stdout/stderr pipe reached EOF and all its bytes were written
+  into the FIFO/file; `wait_output_flushed` is bounded because a background process inside
+  the container may hold the pipe open forever. Copying continues until `close()`.
+
+Copying is not done by coroutines but by readiness callbacks (`_Pump`): each chunk is one
+splice(2) between two pipes (kernel to kernel, no copy through Python), and the callback stays
+registered while data flows, so a busy stream costs no future and no epoll_ctl per chunk.
+`terminal` and `binary://` are refused for now (`StdioUnsupported`); they will add pumps
+(pty master <-> FIFOs) or a logger process to the same `ProcessIO`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import stat
+import sys
+import termios
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger("shim.stdio")
+
+#: How long Create/Exec wait for the client to open its end of an output FIFO (the Go shim's
+#: copy context has the same 30 s).
+OPEN_TIMEOUT = 30.0
+
+#: splice(2) between pipes; flipped off by hack/bench-stdio to measure the read/write path.
+USE_SPLICE = hasattr(os, "splice")
+
+#: Pipe buffer size for the shim's own pipes (None = kernel default, 64 KiB). See
+#: hack/bench-stdio for what a bigger one buys.
+PIPE_SIZE: int | None = None
+
+_CHUNK = 1 << 20  # upper bound per splice/read; a pipe hands out at most what it holds
+_BURST = 16  # chunks per readiness callback before yielding to the rest of the loop
+_OPEN_POLL_MAX = 0.05  # longest pause between two attempts to open an output FIFO
+
+
+class StdioError(Exception):
+    """The stdio of a process cannot be set up; the message names the stream and the path."""
+
+    def __init__(self, message: str, *, stream: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.path = path
+
+
+class StdioUnsupported(StdioError, NotImplementedError):
+    """A stdio mode this shim does not implement yet (terminal, binary://)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StdioPlan:
+    """What the three strings mean. Paths are '' for /dev/null."""
+
+    stdin: str
+    stdout: str
+    stderr: str
+    #: file:// target to create (directory 0755, file 0644) before opening it.
+    create_file: str = ""
+
+
+def plan_stdio(stdin: str, stdout: str, stderr: str, *, terminal: bool = False) -> StdioPlan:
+    """Interpret containerd's stdio strings (no I/O).
+
+    The scheme comes from stdout (as in the Go shim), or from stderr when stdout is empty.
+    Plain paths are FIFOs or files created by the client; `file:///p` sends stdout and stderr
+    (those that are not empty) to the file p.
+    """
+    if terminal:
+        raise StdioUnsupported("terminal (tty) stdio is not supported yet", stream="stdout", path=stdout)
+    uri = stdout or stderr
+    scheme = ""
+    if uri:
+        try:
+            scheme = urlsplit(uri).scheme
+        except ValueError as exc:
+            raise StdioError(f"cannot parse stdio uri {uri!r}: {exc}", path=uri) from None
+    if scheme == "":
+        return StdioPlan(stdin, stdout, stderr)
+    if scheme == "file":
+        path = unquote(urlsplit(uri).path)
+        if not path.startswith("/"):
+            raise StdioError(f"file stdio needs an absolute path: {uri!r}", path=uri)
+        return StdioPlan(stdin, path if stdout else "", path if stderr else "", create_file=path)
+    if scheme == "binary":
+        raise StdioUnsupported(f"binary:// logging is not supported yet: {uri!r}", stream="stdout", path=uri)
+    raise StdioError(f"unknown STDIO scheme {scheme}: {uri!r}", stream="stdout", path=uri)
+
+
+async def open_process_io(
+    stdin: str,
+    stdout: str,
+    stderr: str,
+    *,
+    terminal: bool = False,
+    uid: int = 0,
+    gid: int = 0,
+    open_timeout: float = OPEN_TIMEOUT,
+) -> ProcessIO:
+    """Create the pipes and open the client's FIFOs/files for one process.
+
+    `uid`/`gid` own the container's ends of the pipes (runc's io_uid/io_gid), so a container
+    user can reopen /proc/self/fd/1. Waits (without blocking the loop) at most `open_timeout`
+    seconds for the client to open its output FIFOs. Raises `StdioError` naming the path that
+    failed, `StdioUnsupported` for terminal and binary://. Nothing is left open on failure or
+    cancellation.
+    """
+    plan = plan_stdio(stdin, stdout, stderr, terminal=terminal)
+    pio = ProcessIO(asyncio.get_running_loop())
+    try:
+        await pio._open(plan, uid, gid, open_timeout)
+    except BaseException:
+        pio.close()
+        raise
+    return pio
+
+
+class ProcessIO:
+    """Every fd of one process's stdio and the loops copying between them.
+
+    Built by `open_process_io`. Not thread-safe: use it from the loop that built it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._child: list[int] = [-1, -1, -1]  # container's ends of the pipes, or /dev/null
+        self._devnull = -1
+        self._stdin_writer = -1  # held until CloseIO, see module docstring
+        self._pumps: list[_Pump] = []
+        self._output: list[_Pump] = []
+        self._started = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("copying" if self._started else "open")
+        return f"<ProcessIO {state} pumps={self._pumps!r}>"
+
+    # -- for the runtime ------------------------------------------------------------------
+    def child_fds(self) -> tuple[int, int, int]:
+        """Fds to dup2 onto runc's 0, 1, 2 (/dev/null for empty strings). Blocking fds."""
+        if self._closed or -1 in self._child:
+            raise RuntimeError("ProcessIO: child fds already closed")
+        return self._child[0], self._child[1], self._child[2]
+
+    def start_copying(self) -> None:
+        """Start the copy loops; call once runc has been spawned. Idempotent."""
+        if self._closed:
+            raise RuntimeError("ProcessIO: closed")
+        if self._started:
+            return
+        self._started = True
+        for pump in self._pumps:
+            pump.start()
+
+    def close_child_ends(self) -> None:
+        """Close the shim's copies of the container's fds (right after spawning runc). Idempotent."""
+        for i, fd in enumerate(self._child):
+            if fd != -1 and fd != self._devnull:
+                _close(fd)
+            self._child[i] = -1
+        if self._devnull != -1:
+            _close(self._devnull)
+            self._devnull = -1
+
+    # -- for the Task API -----------------------------------------------------------------
+    def close_stdin(self) -> None:
+        """CloseIO: drop the shim's own stdin writer. Once the client's writer is closed
+        too, the container reads EOF. Idempotent."""
+        if self._stdin_writer != -1:
+            _close(self._stdin_writer)
+            self._stdin_writer = -1
+
+    async def wait_output_flushed(self, timeout: float) -> bool:
+        """Wait until stdout and stderr reached EOF and every byte was written out.
+
+        True when they did (also for a stream whose target failed and was drained), False
+        after `timeout` seconds (a background process still holds the pipe, or nobody reads
+        the FIFO) or when the IO was closed first. Copying goes on either way until `close()`.
+        """
+        waits = [p.done for p in self._output]
+        if not waits:
+            return True
+        if not all(w.done() for w in waits):
+            await asyncio.wait(waits, timeout=max(timeout, 0.0))
+        return all(w.done() and w.result() for w in waits)
+
+    def close(self) -> None:
+        """Stop every copy loop and close every fd this object owns. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for pump in self._pumps:
+            pump.stop()
+        self.close_child_ends()
+        self.close_stdin()
+
+    def __enter__(self) -> ProcessIO:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setup ----------------------------------------------------------------------------
+    async def _open(self, plan: StdioPlan, uid: int, gid: int, open_timeout: float) -> None:
+        deadline = self._loop.time() + open_timeout
+        if plan.create_file:
+            _create_log_file(plan.create_file)
+        targets: dict[str, _Target] = {}
+        try:
+            for index, stream, path in ((1, "stdout", plan.stdout), (2, "stderr", plan.stderr)):
+                if not path:
+                    self._child[index] = self._null()
+                    continue
+                pump = _Pump(self._loop, stream, self._pipe(index, uid, gid, stream))
+                self._pumps.append(pump)
+                self._output.append(pump)
+                target = targets.get(path)
+                if target is None:
+                    target = targets[path] = await _open_output(stream, path, deadline, self._loop)
+                # Each pump gets its own dups: asyncio keys readiness callbacks by fd, and
+                # stdout and stderr may share one FIFO.
+                pump.connect(os.dup(target.fd), target.pollable)
+                if target.hold != -1:
+                    pump.hold = os.dup(target.hold)
+        finally:
+            for target in targets.values():
+                target.close()
+        if plan.stdin:
+            pump = _Pump(self._loop, "stdin", -1)
+            self._pumps.append(pump)
+            pump.connect(self._pipe(0, uid, gid, "stdin"), pollable=True)
+            pump.src = _open_stdin_fifo(plan.stdin)
+            try:
+                self._stdin_writer = os.open(plan.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise _open_error("stdin", plan.stdin, exc) from exc
+        else:
+            self._child[0] = self._null()
+
+    def _null(self) -> int:
+        if self._devnull == -1:
+            self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        return self._devnull
+
+    def _pipe(self, index: int, uid: int, gid: int, stream: str) -> int:
+        """A pipe whose child end goes to fd `index` of the container; returns our end."""
+        r, w = os.pipe()  # both O_CLOEXEC
+        child, ours = (r, w) if index == 0 else (w, r)
+        self._child[index] = child
+        try:
+            if PIPE_SIZE:
+                fcntl.fcntl(ours, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            st = os.fstat(child)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(child, uid, gid)
+            os.set_blocking(ours, False)  # our end only: the container keeps blocking I/O
+        except OSError as exc:
+            _close(ours)
+            raise StdioError(f"{stream}: preparing pipe for uid {uid} gid {gid}: {exc}", stream=stream) from exc
+        return ours
+
+
+@dataclass(slots=True)
+class _Target:
+    fd: int
+    hold: int  # our own reader of an output FIFO, -1 for files
+    pollable: bool
+
+    def close(self) -> None:
+        _close(self.fd)
+        if self.hold != -1:
+            _close(self.hold)
+
+
+async def _open_output(stream: str, path: str, deadline: float, loop: asyncio.AbstractEventLoop) -> _Target:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _open_error(stream, path, exc) from exc
+    if not stat.S_ISFIFO(st.st_mode):
+        # Regular file (or a device): appended to, writes never wait on a reader.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _open_error(stream, path, exc) from exc
+        os.set_blocking(fd, True)
+        return _Target(fd, -1, pollable=False)
+    pause = 0.001
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: nobody has the FIFO open for reading yet
+                raise _open_error(stream, path, exc) from exc
+        now = loop.time()
+        if now >= deadline:
+            raise StdioError(f"{stream}: no client opened FIFO {path} for reading in time", stream=stream, path=path)
+        await asyncio.sleep(min(pause, deadline - now))
+        pause = min(pause * 2, _OPEN_POLL_MAX)
+    try:
+        hold = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        _close(fd)
+        raise _open_error(stream, path, exc) from exc
+    return _Target(fd, hold, pollable=True)
+
+
+def _open_stdin_fifo(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _open_error("stdin", path, exc) from exc
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        _close(fd)
+        raise StdioError(f"stdin: {path} is not a FIFO", stream="stdin", path=path)
+    return fd
+
+
+def _create_log_file(path: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as exc:
+        raise _open_error("stdout", path, exc) from exc
+
+
+def _open_error(stream: str, path: str, exc: OSError) -> StdioError:
+    return StdioError(f"{stream}: cannot open {path}: {exc.strerror or exc}", stream=stream, path=path)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+_AGAIN_SRC, _AGAIN_DST, _MORE, _EOF = range(4)
+
+
+class _Pump:
+    """Moves bytes from `src` (a non-blocking pipe/FIFO) to `dst` until EOF, driven by loop
+    readiness callbacks. Owns `src`, `dst` and `hold` and closes them when it ends.
+
+    Modes: splice (both ends pipes), read/write (files, or splice refused with EINVAL), and
+    drain (the target failed: read and drop, so the writer on the other side never blocks).
+    """
+
+    __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, src: int) -> None:
+        self._loop = loop
+        self.name = name
+        self.src = src
+        self.dst = -1
+        self.hold = -1
+        self._pollable = False
+        self._mode = self._readwrite
+        self._waiting = ""  # "src", "dst" or "" (registered for nothing)
+        self._buf: bytearray | None = None
+        self._pending: memoryview | None = None  # read but not yet written (read/write mode)
+        #: resolves to True on EOF with everything written (or drained), False when stopped.
+        self.done: asyncio.Future[bool] = loop.create_future()
+
+    def __repr__(self) -> str:
+        mode = self._mode.__name__.lstrip("_")
+        return f"<_Pump {self.name} {mode} {'done' if self.done.done() else self._waiting or 'idle'}>"
+
+    def connect(self, dst: int, pollable: bool) -> None:
+        """Set the target: `pollable` for pipes/FIFOs (epoll works, splice may), False for
+        files, which are written with blocking writes (they never wait on a reader)."""
+        self.dst = dst
+        self._pollable = pollable
+        self._mode = self._splice if (USE_SPLICE and pollable) else self._readwrite
+
+    def start(self) -> None:
+        if not self.done.done():
+            self._wait("src")
+
+    def stop(self) -> None:
+        self._finish(False)
+
+    def _wait(self, what: str) -> None:
+        if what == self._waiting:
+            return
+        self._unregister()
+        if what == "src":
+            self._loop.add_reader(self.src, self._step)
+        elif self._pollable:
+            self._loop.add_writer(self.dst, self._step)
+        else:  # a device that said EAGAIN and cannot be polled: try again shortly
+            self._loop.call_later(0.01, self._retry)
+        self._waiting = what
+
+    def _retry(self) -> None:
+        if self._waiting == "dst":
+            self._waiting = ""
+            self._step()
+
+    def _unregister(self) -> None:
+        if self._waiting == "src":
+            self._loop.remove_reader(self.src)
+        elif self._waiting == "dst" and self._pollable:
+            self._loop.remove_writer(self.dst)
+        self._waiting = ""
+
+    def _step(self) -> None:
+        try:
+            for _ in range(_BURST):
+                outcome = self._mode()
+                if outcome == _MORE:
+                    continue
+                if outcome == _EOF:
+                    self._finish(True)
+                elif outcome == _AGAIN_SRC:
+                    self._wait("src")
+                else:
+                    self._wait("dst")
+                return
+            # Burst used up: stay registered, the loop calls us again after the others ran.
+            if not self._waiting:
+                self._wait("src")
+        except Exception:
+            log.exception("stdio %s: copy loop failed", self.name)
+            self._finish(False)
+
+    def _splice(self) -> int:
+        try:
+            n = os.splice(self.src, self.dst, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            # EAGAIN says either "src empty" or "dst full"; the pipe's fill level tells which.
+            return _AGAIN_DST if _unread(self.src) else _AGAIN_SRC
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                self._mode = self._readwrite
+                return _MORE
+            self._target_failed(exc)
+            return _MORE
+        return _MORE if n else _EOF
+
+    def _readwrite(self) -> int:
+        if self._pending is None:
+            if self._buf is None:
+                self._buf = bytearray(_CHUNK)
+            try:
+                n = os.readv(self.src, [self._buf])
+            except BlockingIOError:
+                return _AGAIN_SRC
+            if n == 0:
+                return _EOF
+            self._pending = memoryview(self._buf)[:n]
+        try:
+            n = os.write(self.dst, self._pending)
+        except BlockingIOError:
+            return _AGAIN_DST
+        except OSError as exc:
+            self._pending = None
+            self._target_failed(exc)
+            return _MORE
+        self._pending = self._pending[n:] if n < len(self._pending) else None
+        return _MORE
+
+    def _drain(self) -> int:
+        if self._buf is None:
+            self._buf = bytearray(_CHUNK)
+        try:
+            n = os.readv(self.src, [self._buf])
+        except BlockingIOError:
+            return _AGAIN_SRC
+        return _MORE if n else _EOF
+
+    def _target_failed(self, exc: OSError) -> None:
+        if self.name == "stdin":
+            # The container closed its stdin (or exited): stop, as the Go shim does. Closing
+            # our FIFO reader makes the client's writes fail instead of piling up.
+            log.info("stdio stdin: container stopped reading: %s", exc.strerror or exc)
+            self._mode = self._eof
+            return
+        log.warning("stdio %s: writing failed (%s); dropping the rest of this stream", self.name, exc.strerror or exc)
+        self._unregister()
+        self._mode = self._drain
+        _close(self.dst)
+        self.dst = -1
+
+    def _eof(self) -> int:
+        return _EOF
+
+    def _finish(self, flushed: bool) -> None:
+        if self.done.done():
+            return
+        self._unregister()
+        for fd in (self.src, self.dst, self.hold):
+            if fd != -1:
+                _close(fd)
+        self.src = self.dst = self.hold = -1
+        self._pending = None
+        self._buf = None
+        self.done.set_result(flushed)
