@@ -280,7 +280,9 @@ class Reaper:
         the child. argv[0] is looked up on the daemon's PATH unless it contains a slash
         (FileNotFoundError if missing). env defaults to os.environ. The caller keeps
         ownership of the fds it passed. The child starts with default dispositions for
-        SIGPIPE/SIGXFSZ (Python ignores them) and an empty signal mask.
+        SIGPIPE/SIGXFSZ (Python ignores them) and an empty signal mask. (glibc's posix_spawn
+        leaves its two internal signals, 32 and 33, ignored in the child; a Go runc keeps
+        that for the container. Nothing uses them outside glibc, and Python cannot undo it.)
         """
         self._require_loop()
         if not argv:
