@@ -1,0 +1,42 @@
+"""A container: its bundle, its OCI runtime, its init process and its exec processes.
+
+The Task API layer finds a container by id and a process by exec id; the container owns
+the resources that outlive single processes (the rootfs mount, the runtime options).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from shim.options import RuntimeOptions
+from shim.process import ExecProcess, InitProcess, Process
+from shim.ttrpc.status import Code, TtrpcError
+
+@dataclass(eq=False)
+class Container:
+    id: str
+    bundle: str
+    namespace: str
+    options: RuntimeOptions
+    runtime: object  # shim.runc.Runc
+    init: InitProcess
+    rootfs_mounted: bool = False
+    execs: dict[str, ExecProcess] = field(default_factory=dict)
+    #: execs whose `runc exec` is in flight; init's exit waits for them (Shim.tla).
+    starting_execs: int = 0
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.bundle, "rootfs")
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        found = self.execs.get(exec_id)
+        if found is None:
+            raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} does not exist: not found")
+        return found
+
+    def all_processes(self) -> list[Process]:
+        return [self.init, *self.execs.values()]

@@ -1,0 +1,124 @@
+"""The long-lived shim daemon: serves the Task API until containerd shuts it down.
+
+It is a child subreaper (container processes are reparented to it when `runc create`
+exits) and owns the one reaper; it ignores SIGPIPE (the log FIFO and the client FIFOs lose
+their readers whenever containerd or a client goes away) and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+log = logging.getLogger("shim")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class FifoLogHandler(logging.Handler):
+    """Text lines to containerd's `log` FIFO, best effort: a write never blocks nor raises.
+
+    containerd copies what it reads from the FIFO to its own log; while containerd is down
+    nobody reads, and a full or reader-less FIFO just drops our lines.
+    """
+
+    def __init__(self, path: str, task_id: str, namespace: str) -> None:
+        super().__init__()
+        self._fd = -1
+        self._prefix = f"namespace={namespace} runtime=io.containerd.pyshim.v2 id={task_id}"
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fd < 0:
+            return
+        try:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            message = record.getMessage().replace('"', '\\"')
+            if record.exc_info:
+                message += " " + self.formatException(record.exc_info).replace("\n", " | ")
+            line = f'time="{stamp}Z" level={record.levelname.lower()} msg="{message}" {self._prefix}\n'
+            os.write(self._fd, line.encode(errors="replace"))
+        except Exception:
+            pass  # logs are best effort: never let them hurt the shim
+
+
+def _set_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
+
+
+def serve(flags, listener: socket.socket) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    handler = FifoLogHandler("log", flags.id, flags.namespace)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if flags.debug else logging.INFO)
+    _set_subreaper()
+    try:
+        asyncio.run(_serve(flags, listener))
+    except Exception:
+        log.exception("shim daemon failed")
+        return 1
+    return 0
+
+
+def serve_inherited(flags) -> int:
+    """Serve mode when started like the Go shim's daemon: listening socket on fd 3 or -socket."""
+    if flags.socket:
+        path = flags.socket.removeprefix("unix://")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4096)
+    else:
+        listener = socket.socket(fileno=3)
+    return serve(flags, listener)
+
+
+async def _serve(flags, listener: socket.socket) -> None:
+    from shim.events import EventPublisher
+    from shim.reaper import Reaper
+    from shim.service import TaskService
+    from shim.ttrpc import Server
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    socket_path = listener.getsockname()
+
+    reaper = Reaper()
+    reaper.start()
+    publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    service = TaskService(flags.namespace, publisher, reaper, on_shutdown=stop.set)
+    server = Server(require_same_user=True)
+    service.register(server)
+    await server.start(sock=listener)
+    log.debug("serving on %s", socket_path)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            publishing = tasks.create_task(publisher.run())
+            exits = tasks.create_task(service.handle_exits(reaper.subscribe()))
+            await stop.wait()
+            log.debug("shutting down")
+            await server.close()
+            await service.close()
+            exits.cancel()
+            await publisher.close(flush_timeout=2.0)
+            publishing.cancel()
+    finally:
+        reaper.stop()
+        if isinstance(socket_path, str) and socket_path and not socket_path.startswith("\0"):
+            try:
+                os.unlink(socket_path)
+            except OSError:
+                pass

@@ -1,0 +1,74 @@
+"""Runtime options: what containerd.runc.v1.Options asks of the shim, and where they are kept.
+
+Create writes them into the bundle (options.json, runtime) so that `delete` can clean up
+with the same runtime binary and root when the daemon is gone. No asyncio, no protobuf at
+import time: `delete` imports this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+DEFAULT_RUNC_ROOT = "/run/containerd/runc"
+
+
+@dataclass(slots=True)
+class RuntimeOptions:
+    """The subset of containerd.runc.v1.Options the shim acts on (field names as in the proto)."""
+
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+    shim_cgroup: str = ""
+    io_uid: int = 0
+    io_gid: int = 0
+    binary_name: str = ""
+    root: str = ""
+    systemd_cgroup: bool = False
+    criu_image_path: str = ""
+    criu_work_path: str = ""
+
+    @classmethod
+    def from_any(cls, any_message) -> RuntimeOptions:
+        """Decode CreateTaskRequest.options: runc Options, runtimeoptions.v1 or nothing."""
+        if any_message is None or not any_message.type_url:
+            return cls()
+        type_url = any_message.type_url.rsplit("/", 1)[-1]
+        if type_url == "containerd.runc.v1.Options":
+            from shim.api.containerd.runc.v1 import Options
+
+            options = Options.parse(any_message.value)
+            return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__})
+        # runtimeoptions.v1.Options (CRI with a non-runc runtime_type) or anything else: the
+        # runc shim would refuse; we run with defaults, like an empty options table.
+        return cls()
+
+    @property
+    def runtime_binary(self) -> str:
+        return self.binary_name or "runc"
+
+    def runtime_root(self, namespace: str) -> str:
+        return os.path.join(self.root or DEFAULT_RUNC_ROOT, namespace)
+
+    def write(self, bundle: str) -> None:
+        """options.json and runtime, read back by `delete` when the daemon is gone."""
+        data = {k: v for k, v in ((n, getattr(self, n)) for n in self.__dataclass_fields__) if v}
+        _write_atomic(os.path.join(bundle, "options.json"), json.dumps(data))
+        _write_atomic(os.path.join(bundle, "runtime"), self.binary_name)
+
+    @classmethod
+    def read(cls, bundle: str) -> RuntimeOptions:
+        try:
+            with open(os.path.join(bundle, "options.json")) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return cls()
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

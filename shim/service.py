@@ -1,0 +1,536 @@
+"""The Task API (containerd.task.v2.Task, also served as containerd.task.v3.Task).
+
+Handlers translate requests into calls on containers and processes and publish the task
+events. The exit rules (containerd's cmd/containerd-shim-runc-v2/spec/Shim.tla) are kept here:
+
+1. An exit that arrives while its process is starting is not lost: init's exit is parked
+   until /tasks/start is out; exits of unknown pids seen while an exec is starting are
+   collected and matched once `runc exec` has written the exec's pid.
+2. /tasks/start (or /tasks/exec-started) is published before that process's /tasks/exit.
+3. Init's exit waits for execs that are still starting, and for running execs to exit, so
+   exec exits are published before init's.
+4. A process is marked exited (status, time, Wait released) before /tasks/exit goes out,
+   and only after its output was flushed to the client (bounded).
+5. Signalled processes report 128+signal (the reaper computes it).
+
+Everything runs on one event loop, so the bookkeeping between two awaits is atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+from shim.api.containerd import events
+from shim.api.containerd.task import v2 as task
+from shim.api.containerd.types import Mount
+from shim.api.google.protobuf import Any, Empty
+from shim.container import Container
+from shim.options import RuntimeOptions
+from shim.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
+from shim.ttrpc.status import Code, TtrpcError
+
+log = logging.getLogger("shim.service")
+
+#: How long an exit waits for the process's output to reach the client before it is
+#: published anyway (a background child may hold stdout open forever).
+OUTPUT_FLUSH_TIMEOUT = 2.0
+#: How long init's exit waits for running execs to be reaped.
+EXEC_EXIT_TIMEOUT = 10.0
+
+TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+
+
+def check_kill_error(err: Exception) -> TtrpcError:
+    """Map a runtime kill failure to what containerd's clients expect (NOT_FOUND is benign)."""
+    text = str(err)
+    if "container not running" in text or "no such process" in text.lower() or "process already finished" in text:
+        return TtrpcError(Code.NOT_FOUND, "process already finished: not found")
+    if "does not exist" in text:
+        return TtrpcError(Code.NOT_FOUND, "no such container: not found")
+    return TtrpcError(Code.UNKNOWN, f"unknown error after kill: {text}")
+
+
+class TaskService:
+    def __init__(self, namespace: str, publisher, reaper, on_shutdown: Callable[[], None]) -> None:
+        self.namespace = namespace
+        self.publisher = publisher
+        self.reaper = reaper
+        self._on_shutdown = on_shutdown
+        self.containers: dict[str, Container] = {}
+        self._by_pid: dict[int, Process] = {}
+        self._exec_start_collectors: list[list] = []
+        self._pending_init_exits: dict[str, object] = {}
+        self._parked_exits: dict[Process, object] = {}
+        self._starting: set[Process] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- wiring ---------------------------------------------------------------------------
+    def methods(self) -> dict[str, tuple[type, Callable]]:
+        from shim.api.services import SERVICES
+
+        table = SERVICES[TASK_SERVICES[0]]
+        handlers = {
+            "State": self.state,
+            "Create": self.create,
+            "Start": self.start,
+            "Delete": self.delete,
+            "Pids": self.pids,
+            "Kill": self.kill,
+            "Exec": self.exec,
+            "ResizePty": self.resize_pty,
+            "CloseIO": self.close_io,
+            "Wait": self.wait,
+            "Connect": self.connect,
+            "Shutdown": self.shutdown,
+            "Pause": self.pause,
+            "Resume": self.resume,
+        }
+        methods = {}
+        for name, (request_type, _response_type) in table.items():
+            methods[name] = (request_type, handlers.get(name) or _unimplemented(name))
+        return methods
+
+    def register(self, server) -> None:
+        methods = self.methods()
+        for service in TASK_SERVICES:
+            server.register_service(service, methods)
+
+    async def handle_exits(self, subscription) -> None:
+        """Consume every exit the reaper did not route to a watcher (container processes)."""
+        async for exit_ in subscription:
+            self.on_exit(exit_)
+
+    def _spawn(self, coro) -> None:
+        task_ = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task_)
+        task_.add_done_callback(self._task_done)
+
+    def _task_done(self, task_: asyncio.Task) -> None:
+        self._tasks.discard(task_)
+        if not task_.cancelled() and task_.exception() is not None:
+            log.error("exit handling failed", exc_info=task_.exception())
+
+    async def close(self) -> None:
+        for task_ in list(self._tasks):
+            task_.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- lookups --------------------------------------------------------------------------
+    def _container(self, container_id: str) -> Container:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise TtrpcError(Code.NOT_FOUND, f"container {container_id} not found: not found")
+        return container
+
+    # -- exits ----------------------------------------------------------------------------
+    def on_exit(self, exit_) -> None:
+        process = self._by_pid.get(exit_.pid)
+        if process is None:
+            # Maybe an exec whose pid we do not know yet (rule 1); else a reparented orphan.
+            for collector in self._exec_start_collectors:
+                collector.append(exit_)
+            return
+        del self._by_pid[exit_.pid]
+        if process in self._starting:
+            self._parked_exits[process] = exit_  # rule 2: published after the start event
+            return
+        self._spawn(self._process_exit(process, exit_))
+
+    async def _process_exit(self, process: Process, exit_) -> None:
+        container = self.containers.get(process.container_id)
+        if container is not None and process is container.init:
+            if container.starting_execs:
+                self._pending_init_exits[container.id] = exit_  # rule 3
+                return
+            await self._before_init_exit(container)
+        if process.io is not None:
+            if not await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT):
+                log.warning("%s: output still open %.0fs after exit; publishing the exit", process.id, OUTPUT_FLUSH_TIMEOUT)
+        process.set_exited(exit_.status, exit_.timestamp)  # rule 4
+        self.publisher.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=process.container_id,
+                id=process.id,
+                pid=process.pid,
+                exit_status=process.exit_status,
+                exited_at=process.exited_at,
+            ),
+        )
+
+    async def _before_init_exit(self, container: Container) -> None:
+        running = [e for e in container.execs.values() if e.pid and not e.has_exited]
+        if not running:
+            return
+        if _shares_host_pid_namespace(container.bundle):
+            # Without a private pid namespace the kernel does not kill the execs with init.
+            try:
+                await container.runtime.kill(container.id, 9, all=True)
+            except Exception as exc:
+                log.warning("%s: killing remaining processes: %s", container.id, exc)
+        waits = [asyncio.ensure_future(e.wait()) for e in running]
+        done, pending = await asyncio.wait(waits, timeout=EXEC_EXIT_TIMEOUT)
+        for w in pending:
+            w.cancel()
+        if pending:
+            log.warning("%s: %d exec(s) still running after init exited", container.id, len(pending))
+
+    def _exec_start_finished(self, container: Container) -> None:
+        container.starting_execs -= 1
+        if container.starting_execs == 0:
+            pending = self._pending_init_exits.pop(container.id, None)
+            if pending is not None:
+                self._spawn(self._process_exit(container.init, pending))
+
+    # -- Task API -------------------------------------------------------------------------
+    async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
+        from shim.mount import mount_all, unmount_all
+        from shim.runc import Runc, RuncError
+        from shim.stdio import open_process_io
+
+        if not req.id:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "task id must not be empty")
+        if req.id in self.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
+        if req.checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "restore from a checkpoint is not implemented yet")
+        if req.terminal:
+            raise TtrpcError(Code.UNIMPLEMENTED, "terminal (tty) containers are not implemented yet")
+        bundle = req.bundle
+        options = RuntimeOptions.from_any(req.options)
+        options.write(bundle)
+        rootfs = os.path.join(bundle, "rootfs")
+        mounted = False
+        if req.rootfs:
+            os.makedirs(rootfs, mode=0o711, exist_ok=True)
+            try:
+                mount_all(list(req.rootfs), rootfs)
+            except Exception as exc:
+                raise TtrpcError(Code.UNKNOWN, f"failed to mount rootfs component: {exc}") from None
+            mounted = True
+        runtime = Runc(
+            binary=options.runtime_binary,
+            root=options.runtime_root(self.namespace),
+            log_path=os.path.join(bundle, "log.json"),
+            systemd_cgroup=options.systemd_cgroup,
+            reaper=self.reaper,
+        )
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        init = InitProcess(req.id, bundle, stdio)
+        io = None
+        try:
+            io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, uid=options.io_uid, gid=options.io_gid)
+            stdin_fd, stdout_fd, stderr_fd = io.child_fds()
+            try:
+                await runtime.create(
+                    req.id,
+                    bundle,
+                    pid_file=init.pid_file,
+                    stdin=stdin_fd,
+                    stdout=stdout_fd,
+                    stderr=stderr_fd,
+                    no_pivot=options.no_pivot_root,
+                    no_new_keyring=options.no_new_keyring,
+                )
+            except RuncError as exc:
+                raise TtrpcError(Code.UNKNOWN, f"OCI runtime create failed: {exc}") from None
+            io.start_copying()
+            io.close_child_ends()
+            init.pid = read_pid_file(init.pid_file)
+        except BaseException:
+            if io is not None:
+                io.close()
+            if mounted:
+                unmount_all(rootfs)
+            raise
+        init.io = io
+        container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
+        self.containers[req.id] = container
+        self._by_pid[init.pid] = init
+        self.publisher.publish(
+            "/tasks/create",
+            events.TaskCreate(
+                container_id=req.id,
+                bundle=bundle,
+                rootfs=[Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in req.rootfs],
+                io=events.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
+                checkpoint=req.checkpoint,
+                pid=init.pid,
+            ),
+        )
+        return task.CreateTaskResponse(pid=init.pid)
+
+    async def start(self, req: task.StartRequest, ctx) -> task.StartResponse:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        if isinstance(process, ExecProcess):
+            return await self._start_exec(container, process)
+        from shim.runc import RuncError
+
+        process.state.check("start")
+        self._starting.add(process)
+        try:
+            await container.runtime.start(container.id)
+        except RuncError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"OCI runtime start failed: {exc}") from None
+        else:
+            process.state = Running
+            self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
+        finally:
+            self._starting.discard(process)
+            parked = self._parked_exits.pop(process, None)
+            if parked is not None:
+                self._spawn(self._process_exit(process, parked))
+        return task.StartResponse(pid=process.pid)
+
+    async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
+        from shim.runc import RuncError
+        from shim.stdio import open_process_io
+
+        if container.init.has_exited or container.init.state in (Stopped, Deleted):
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container.id} init process is not running: failed precondition")
+        process.state.check("start")
+        collector: list = []
+        self._exec_start_collectors.append(collector)
+        container.starting_execs += 1
+        try:
+            io = await open_process_io(
+                process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
+                uid=container.options.io_uid, gid=container.options.io_gid,
+            )
+            try:
+                stdin_fd, stdout_fd, stderr_fd = io.child_fds()
+                await container.runtime.exec(
+                    container.id, process.spec, pid_file=process.pid_file,
+                    stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
+                )
+                io.start_copying()
+                io.close_child_ends()
+                process.pid = read_pid_file(process.pid_file)
+            except RuncError as exc:
+                io.close()
+                raise TtrpcError(Code.UNKNOWN, f"OCI runtime exec failed: {exc}") from None
+            except BaseException:
+                io.close()
+                raise
+            process.io = io
+            process.state = Running
+            early = next((e for e in collector if e.pid == process.pid), None)
+            if early is None:
+                self._by_pid[process.pid] = process
+            self.publisher.publish(
+                "/tasks/exec-started",
+                events.TaskExecStarted(container_id=container.id, exec_id=process.id, pid=process.pid),
+            )
+            if early is not None:
+                self._spawn(self._process_exit(process, early))
+        finally:
+            self._exec_start_collectors.remove(collector)
+            self._exec_start_finished(container)
+        return task.StartResponse(pid=process.pid)
+
+    async def delete(self, req: task.DeleteRequest, ctx) -> task.DeleteResponse:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        if isinstance(process, ExecProcess):
+            if process.pid and not process.has_exited:
+                raise TtrpcError(Code.UNKNOWN, "cannot delete a running process")
+            await process.close_io()
+            _remove_quietly(process.pid_file)
+            del container.execs[process.id]
+            return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
+        from shim.mount import unmount_all
+        from shim.runc import RuncError
+
+        process.state.check("delete")
+        try:
+            await container.runtime.delete(container.id, force=False)
+        except RuncError as exc:
+            if "does not exist" not in str(exc):
+                raise TtrpcError(Code.UNKNOWN, f"failed to delete task: {exc}") from None
+        if process.io is not None:
+            await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT)
+        await process.close_io()
+        for exec_process in container.execs.values():
+            await exec_process.close_io()
+        if container.rootfs_mounted:
+            unmount_all(container.rootfs)
+            container.rootfs_mounted = False
+        process.state = Deleted
+        self._by_pid.pop(process.pid, None)
+        del self.containers[container.id]
+        self.publisher.publish(
+            "/tasks/delete",
+            events.TaskDelete(
+                container_id=container.id,
+                pid=process.pid,
+                exit_status=process.exit_status,
+                exited_at=process.exit_time(),
+            ),
+        )
+        return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
+
+    async def exec(self, req: task.ExecProcessRequest, ctx) -> Empty:
+        import json
+
+        container = self._container(req.id)
+        if req.exec_id in container.execs:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"id {req.exec_id}: already exists")
+        if not req.exec_id:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "exec id must not be empty")
+        container.init.state.check("exec")
+        if req.terminal:
+            raise TtrpcError(Code.UNIMPLEMENTED, "terminal (tty) execs are not implemented yet")
+        try:
+            spec = json.loads(req.spec.value) if req.spec is not None else {}
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"exec {req.exec_id}: process spec is not valid JSON: {exc}") from None
+        stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        container.execs[req.exec_id] = ExecProcess(req.exec_id, container.id, container.bundle, stdio, spec)
+        self.publisher.publish("/tasks/exec-added", events.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
+        return Empty()
+
+    async def state(self, req: task.StateRequest, ctx) -> task.StateResponse:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        from shim.api.containerd.v1.types import Status
+
+        return task.StateResponse(
+            id=process.id,
+            bundle=container.bundle,
+            pid=process.pid,
+            status=Status(process.status),
+            stdin=process.stdio.stdin,
+            stdout=process.stdio.stdout,
+            stderr=process.stdio.stderr,
+            terminal=process.stdio.terminal,
+            exit_status=process.exit_status,
+            exited_at=process.exit_time(),
+        )
+
+    async def kill(self, req: task.KillRequest, ctx) -> Empty:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        if process.has_exited or process.state in (Stopped, Deleted):
+            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
+        if isinstance(process, InitProcess):
+            from shim.runc import RuncError
+
+            try:
+                await container.runtime.kill(container.id, req.signal, all=req.all)
+            except RuncError as exc:
+                raise check_kill_error(exc) from None
+            return Empty()
+        if not process.pid:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"process {process.id} has not been started: failed precondition")
+        try:
+            os.kill(process.pid, req.signal)
+        except ProcessLookupError:
+            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found") from None
+        return Empty()
+
+    async def wait(self, req: task.WaitRequest, ctx) -> task.WaitResponse:
+        process = self._container(req.id).process(req.exec_id)
+        status, exited_at = await process.wait()
+        return task.WaitResponse(exit_status=status, exited_at=exited_at)
+
+    async def pids(self, req: task.PidsRequest, ctx) -> task.PidsResponse:
+        from shim.api.containerd.runc.v1 import ProcessDetails
+        from shim.api.containerd.v1.types import ProcessInfo
+        from shim.runc import RuncError
+
+        container = self._container(req.id)
+        try:
+            pids = await container.runtime.ps(container.id)
+        except RuncError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"failed to list pids: {exc}") from None
+        exec_of = {e.pid: e.id for e in container.execs.values() if e.pid}
+        processes = []
+        for pid in pids:
+            info = None
+            if pid in exec_of:
+                info = Any(type_url="containerd.runc.v1.ProcessDetails", value=bytes(ProcessDetails(exec_id=exec_of[pid])))
+            processes.append(ProcessInfo(pid=pid, info=info))
+        return task.PidsResponse(processes=processes)
+
+    async def close_io(self, req: task.CloseIoRequest, ctx) -> Empty:
+        process = self._container(req.id).process(req.exec_id)
+        if process.io is not None:
+            process.io.close_stdin()
+        return Empty()
+
+    async def resize_pty(self, req: task.ResizePtyRequest, ctx) -> Empty:
+        self._container(req.id).process(req.exec_id)
+        return Empty()  # no console: nothing to resize (the Go shim answers the same)
+
+    async def pause(self, req: task.PauseRequest, ctx) -> Empty:
+        from shim.process import Paused
+        from shim.runc import RuncError
+
+        container = self._container(req.id)
+        container.init.state.check("pause")
+        try:
+            await container.runtime.pause(container.id)
+        except RuncError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"OCI runtime pause failed: {exc}") from None
+        container.init.state = Paused
+        self.publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
+        return Empty()
+
+    async def resume(self, req: task.ResumeRequest, ctx) -> Empty:
+        from shim.runc import RuncError
+
+        container = self._container(req.id)
+        container.init.state.check("resume")
+        try:
+            await container.runtime.resume(container.id)
+        except RuncError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"OCI runtime resume failed: {exc}") from None
+        if not container.init.has_exited:
+            container.init.state = Running
+        self.publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
+        return Empty()
+
+    async def connect(self, req: task.ConnectRequest, ctx) -> task.ConnectResponse:
+        container = self.containers.get(req.id)
+        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
+
+    async def shutdown(self, req: task.ShutdownRequest, ctx) -> Empty:
+        # Sent after every task delete; with several containers on this shim (grouping, or
+        # containerd 2.0 sending pod containers here) it must not stop the others.
+        if not self.containers:
+            asyncio.get_running_loop().call_soon(self._on_shutdown)
+        return Empty()
+
+
+def _unimplemented(name: str):
+    async def handler(request, ctx):
+        raise TtrpcError(Code.UNIMPLEMENTED, f"{name} is not implemented by pyshim yet")
+
+    return handler
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _shares_host_pid_namespace(bundle: str) -> bool:
+    import json
+
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    for ns in namespaces:
+        if ns.get("type") == "pid":
+            return bool(ns.get("path"))
+    return True

@@ -1,0 +1,169 @@
+"""`containerd-shim-pyshim-v2 start`: find or create the group's socket, fork the daemon.
+
+containerd runs this once per container and reads its combined stdout+stderr until EOF, so:
+print only the address, and make sure the daemon holds none of our output fds. The socket is
+bound and listening before we exit (containerd dials at once; the connection waits in the
+backlog while the daemon finishes importing).
+
+The daemon is forked from this process once the socket is bound, instead of exec'ing a new
+interpreter as the Go shim does: the interpreter and the modules imported so far are paid
+once per container, not twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import socket
+import sys
+
+SOCKET_DIR = "/run/containerd/s"
+#: The Go shim refuses longer unix socket paths (sun_path is 108 bytes with the NUL).
+MAX_SOCKET_PATH = 106
+#: OCI annotations that put containers into one shim, first match wins.
+GROUP_ANNOTATIONS = ("io.containerd.pyshim.v2.group", "io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+
+
+def group_id(bundle: str, task_id: str) -> str:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        annotations = {}
+    for key in GROUP_ANNOTATIONS:
+        if annotations.get(key):
+            return annotations[key]
+    return task_id
+
+
+def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+    """unix:///run/containerd/s/<sha256 of address/namespace/group>, as the Go shim computes it."""
+    key = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
+    path = f"{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
+    if len(path) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes")
+    return "unix://" + path
+
+
+def _alive(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.1)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_or_find(address: str) -> socket.socket | None:
+    """A listening socket at address, or None when a live shim already serves it."""
+    path = address.removeprefix("unix://")
+    os.makedirs(posixpath.dirname(path), mode=0o700, exist_ok=True)
+    for attempt in (1, 2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or attempt == 2:
+                raise
+            if _alive(path):
+                return None
+            os.unlink(path)  # a dead shim's socket file
+            continue
+        os.chmod(path, 0o600)
+        sock.listen(4096)
+        return sock
+    raise AssertionError("unreachable")
+
+
+def write_address(bundle: str, address: str) -> None:
+    """<bundle>/address: containerd 1.6/1.7 read it to reconnect after a restart."""
+    tmp = os.path.join(bundle, ".address.tmp")
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(bundle, "address"))
+
+
+def adjust_oom_score(pid: int) -> None:
+    """Make the daemon a slightly better OOM victim than containerd, like the Go shim does.
+
+    Raising the score needs no privilege; lowering it needs CAP_SYS_RESOURCE, which some
+    hosts (and this project's CI) lack: failing here must not fail the container start.
+    """
+    try:
+        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+            score = int(f.read().strip())
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(min(score + 1, 1000)))
+    except (OSError, ValueError):
+        pass
+
+
+def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
+    """Whether stdin holds containerd 2.3's BootstrapParams for this task (else runtime options).
+
+    BootstrapParams starts with instance_id (1) and namespace (2); a google.protobuf.Any of
+    runtime options has type_url (1) and value (2), which never match both flags.
+    """
+    if not data:
+        return False
+    from shim.ttrpc.wire import MalformedMessage, string_fields
+
+    try:
+        fields = string_fields(data)
+    except MalformedMessage:
+        return False
+    return fields.get(1) == task_id.encode() and fields.get(2) == namespace.encode()
+
+
+def start(flags) -> int:
+    bundle = os.getcwd()
+    try:
+        stdin_data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    except OSError:
+        stdin_data = b""
+    bootstrap = _bootstrap_params(stdin_data, flags.id, flags.namespace)
+    try:
+        address = socket_address(flags.address, flags.namespace, group_id(bundle, flags.id))
+        listener = bind_or_find(address)
+    except (OSError, ValueError) as exc:
+        print(f"pyshim start: {exc}", file=sys.stderr)
+        return 1
+    if listener is not None:
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _become_daemon(flags, listener)  # never returns
+        listener.close()
+        adjust_oom_score(pid)
+    write_address(bundle, address)
+    if bootstrap:
+        from shim.api.containerd.runtime.bootstrap.v1 import BootstrapResult
+
+        sys.stdout.buffer.write(bytes(BootstrapResult(version=3, address=address, protocol="ttrpc")))
+    else:
+        sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _become_daemon(flags, listener: socket.socket) -> None:
+    code = 1
+    try:
+        os.setpgid(0, 0)  # out of containerd's process group, as the Go shim does
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)  # containerd waits for EOF on our stdout/stderr pipe
+        os.close(null)
+        from shim.daemon import serve
+
+        code = serve(flags, listener)
+    finally:
+        os._exit(code)
