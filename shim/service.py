@@ -54,11 +54,16 @@ def check_kill_error(err: Exception) -> TtrpcError:
 
 
 class TaskService:
-    def __init__(self, namespace: str, publisher, reaper, on_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self, namespace: str, publisher, reaper, on_shutdown: Callable[[], None], runtime_factory: Callable | None = None
+    ) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
         self._on_shutdown = on_shutdown
+        #: Builds a container's OCI runtime client with shim.runc.Runc's constructor arguments;
+        #: None means Runc itself (imported lazily). Tests pass a fake runtime here.
+        self._runtime_factory = runtime_factory
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, Process] = {}
         self._exec_start_collectors: list[list] = []
@@ -212,7 +217,7 @@ class TaskService:
             except Exception as exc:
                 raise TtrpcError(Code.UNKNOWN, f"failed to mount rootfs component: {exc}") from None
             mounted = True
-        runtime = Runc(
+        runtime = (self._runtime_factory or Runc)(
             binary=options.runtime_binary,
             root=options.runtime_root(self.namespace),
             log_path=os.path.join(bundle, "log.json"),
