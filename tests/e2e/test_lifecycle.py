@@ -1,0 +1,246 @@
+"""`ctr run --runtime io.containerd.pyshim.v2` behaves like io.containerd.runc.v2.
+
+Every test runs once per containerd version (1.6, 1.7, 2.1) with real runc.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+PYSHIM = "io.containerd.pyshim.v2"
+RUNC = "io.containerd.runc.v2"
+FIVE_MIB = 5 * 1024 * 1024
+
+
+def run(e2e, *cmd: str, runtime: str = PYSHIM, cid: str | None = None, flags: tuple[str, ...] = (), **kw):
+    cid = cid or e2e.new_id()
+    return e2e.ctr("run", "--rm", "--runtime", runtime, *flags, e2e.image, cid, *cmd, **kw)
+
+
+def popen_ctr(e2e, *args: str, **kw) -> subprocess.Popen:
+    c = e2e.containerd
+    return subprocess.Popen(
+        [str(c.bin_dir / "ctr"), "--address", c.address, "--namespace", e2e.namespace, *args],
+        env=c.env(),
+        cwd=c.dir,
+        **kw,
+    )
+
+
+def read_until(stream, marker: str, timeout: float = 15) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            chunk = os.read(stream.fileno(), 65536).decode(errors="replace")
+            if not chunk:
+                break
+            seen += chunk
+    assert marker in seen, f"{marker!r} not seen; got {seen!r}"
+    return seen
+
+
+def task_status(e2e, cid: str) -> str:
+    for line in e2e.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[2]
+    return ""
+
+
+def pyshim_daemons(e2e) -> list[int]:
+    """pids of pyshim daemons serving this containerd (their cwd is a bundle in its state dir)."""
+    state = str(e2e.state)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if b"containerd-shim-pyshim-v2" in cmdline and cwd.startswith(state):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("command, code", [(["true"], 0), (["sh", "-c", "exit 3"], 3), (["false"], 1)])
+def test_exit_codes(e2e, command, code):
+    r = run(e2e, *command)
+    assert r.returncode == code, r
+
+
+def test_stdout_and_stderr_apart(e2e):
+    r = run(e2e, "sh", "-c", "echo out; echo err >&2; echo out2")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "out\nout2\n", "err\n"), r
+
+
+def test_five_mib_of_output_intact(e2e):
+    r = run(e2e, "sh", "-c", f"yes 0123456789abcdef | head -c {FIVE_MIB}", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == FIVE_MIB
+    assert r.stdout == ("0123456789abcdef\n" * (FIVE_MIB // 17 + 1))[:FIVE_MIB]
+
+
+@pytest.mark.parametrize("runtime", [PYSHIM, RUNC])
+def test_stdin_piped_in_and_eof_propagated(e2e, runtime):
+    # ctr sends CloseIO when its stdin reaches EOF, but only once the task exists: an EOF
+    # before that is lost by ctr itself (with either shim), so the test closes stdin only
+    # after the first line came back.
+    proc = popen_ctr(e2e, "run", "--rm", "--runtime", runtime, e2e.image, e2e.new_id(), "cat",
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"hi\n")
+        proc.stdin.flush()
+        seen = read_until(proc.stdout, "hi\n")
+        proc.stdin.write(b"there\n")
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+        assert seen + proc.stdout.read().decode() == "hi\nthere\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_gives_137(e2e):
+    cid = e2e.new_id()
+    proc = popen_ctr(e2e, "run", "--rm", "--runtime", PYSHIM, e2e.image, cid, "sh", "-c", "echo ready; sleep 600",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until(proc.stdout, "ready")
+        e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+        assert proc.wait(30) == 137
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_own_exit_code_after_handling_sigterm(e2e):
+    cid = e2e.new_id()
+    script = "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+    proc = popen_ctr(e2e, "run", "--rm", "--runtime", PYSHIM, e2e.image, cid, "sh", "-c", script,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until(proc.stdout, "ready")
+        e2e.ctr("task", "kill", "-s", "SIGTERM", cid, check=True)
+        assert proc.wait(30) == 7
+        assert "bye" in proc.stdout.read().decode()
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_detached_then_ls_kill_rm(e2e):
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
+    assert task_status(e2e, cid) == "RUNNING"
+    pids = e2e.ctr("task", "ps", cid, check=True).stdout
+    assert re.search(r"^\d+", pids.splitlines()[1]), pids
+    e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+    deadline = time.monotonic() + 15
+    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert task_status(e2e, cid) == "STOPPED"
+    # Killing an exited task is NOT_FOUND, which ctr reports as an error.
+    again = e2e.ctr("task", "kill", "-s", "SIGKILL", cid)
+    assert again.returncode != 0 and "not found" in again.stderr, again
+    e2e.ctr("task", "rm", cid, check=True)
+    e2e.ctr("container", "rm", cid, check=True)
+    assert task_status(e2e, cid) == ""
+
+
+def test_events_in_order(e2e):
+    watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        cid = e2e.new_id()
+        assert run(e2e, "true", cid=cid).returncode == 0
+        seen = read_until(watcher.stdout, "/tasks/delete")
+    finally:
+        watcher.kill()
+        watcher.communicate()
+    topics = [m.group(1) for m in re.finditer(r" (/tasks/[a-z-]+) ", seen) if cid in seen]
+    assert topics[:4] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], seen
+
+
+def test_missing_executable_shows_runtime_error_like_runc_shim(e2e):
+    ours = run(e2e, "/no/such/binary")
+    theirs = run(e2e, "/no/such/binary", runtime=RUNC)
+    assert ours.returncode == theirs.returncode != 0
+    assert 'exec: "/no/such/binary": stat /no/such/binary: no such file or directory' in ours.stderr, ours
+
+    def normalized(text: str) -> str:
+        return re.sub(r"[0-9a-f]{6}\b|-\d+-", "X", text).strip()
+
+    assert normalized(ours.stderr) == normalized(theirs.stderr)
+
+
+def test_fifty_sequential_containers_leave_nothing_behind(e2e):
+    before = set(pyshim_daemons(e2e))
+    mounts_before = Path("/proc/self/mountinfo").read_text().count(str(e2e.state))
+    for _ in range(50):
+        r = run(e2e, "true")
+        assert r.returncode == 0, r
+    deadline = time.monotonic() + 10
+    while set(pyshim_daemons(e2e)) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(pyshim_daemons(e2e)) - before == set()
+    assert Path("/proc/self/mountinfo").read_text().count(str(e2e.state)) == mounts_before
+    bundles = e2e.state / "io.containerd.runtime.v2.task" / e2e.namespace
+    assert not bundles.exists() or list(bundles.iterdir()) == []
+    zombies = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] == "Z" and int(fields[1]) in (os.getpid(), e2e.containerd.proc.pid):
+                zombies.append(entry)
+    assert zombies == []
+
+
+def test_second_task_on_the_group_socket(e2e):
+    group = ("--annotation", f"io.containerd.runc.v2.group=g-{e2e.new_id()}")
+    first, second = e2e.new_id("a"), e2e.new_id("b")
+    for cid in (first, second):
+        e2e.ctr("run", "-d", "--runtime", PYSHIM, *group, e2e.image, cid, "sleep", "600", check=True)
+    address = (e2e.bundle_dir(first) / "address").read_text()
+    assert (e2e.bundle_dir(second) / "address").read_text() == address
+    daemons = [pid for pid in pyshim_daemons(e2e) if os.readlink(f"/proc/{pid}/cwd") == str(e2e.bundle_dir(first))]
+    assert len(daemons) == 1
+    assert task_status(e2e, first) == task_status(e2e, second) == "RUNNING"
+
+    # Deleting the first container must not stop the shim serving the second.
+    e2e.ctr("task", "kill", "-s", "SIGKILL", first, check=True)
+    _wait_stopped(e2e, first)
+    e2e.ctr("task", "rm", first, check=True)
+    assert task_status(e2e, second) == "RUNNING"
+    assert os.path.exists(f"/proc/{daemons[0]}")
+    e2e.ctr("task", "kill", "-s", "SIGKILL", second, check=True)
+    _wait_stopped(e2e, second)
+    e2e.ctr("task", "rm", second, check=True)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemons[0]}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{daemons[0]}"), "the shim outlived its last task"
+    for cid in (first, second):
+        e2e.ctr("container", "rm", cid, check=True)
+
+
+def _wait_stopped(e2e, cid: str) -> None:
+    deadline = time.monotonic() + 15
+    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert task_status(e2e, cid) == "STOPPED"
