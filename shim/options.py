@@ -31,7 +31,13 @@ class RuntimeOptions:
 
     @classmethod
     def from_any(cls, any_message) -> RuntimeOptions:
-        """Decode CreateTaskRequest.options: runc Options, runtimeoptions.v1 or nothing."""
+        """Decode CreateTaskRequest.options: runc Options, runtimeoptions.v1 or nothing.
+
+        containerd sends runc Options for runtime_type io.containerd.runc.v2 and, for any
+        other runtime_type (ours), CRI and `ctr --runtime-config-path` send
+        runtimeoptions.v1.Options: a TOML options table, inline (1.7+) or as a file path.
+        Raises ValueError with a message for the user when the options cannot be read.
+        """
         if any_message is None or not any_message.type_url:
             return cls()
         type_url = any_message.type_url.rsplit("/", 1)[-1]
@@ -40,9 +46,40 @@ class RuntimeOptions:
 
             options = Options.parse(any_message.value)
             return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__})
-        # runtimeoptions.v1.Options (CRI with a non-runc runtime_type) or anything else: the
-        # runc shim would refuse; we run with defaults, like an empty options table.
+        if type_url == "runtimeoptions.v1.Options":
+            from shim.api.runtimeoptions.v1 import Options as ConfigOptions
+
+            config = ConfigOptions.parse(any_message.value)
+            if config.config_path:
+                try:
+                    with open(config.config_path, "rb") as f:
+                        return cls.from_toml(f.read(), config.config_path)
+                except OSError as exc:
+                    raise ValueError(f"runtime options file {config.config_path}: {exc.strerror}") from None
+            return cls.from_toml(config.config_body, "runtime options")
+        # Unknown option types are not an error: run with the defaults.
         return cls()
+
+    @classmethod
+    def from_toml(cls, data: bytes, source: str) -> RuntimeOptions:
+        """A runc options table as CRI writes it (BinaryName = "crun", SystemdCgroup = true, ...)."""
+        import tomllib
+
+        try:
+            table = tomllib.loads(data.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{source}: not valid TOML: {exc}") from None
+        by_key = {name.replace("_", ""): name for name in cls.__dataclass_fields__}
+        values = {}
+        for key, value in table.items():
+            name = by_key.get(key.lower().replace("_", ""))
+            if name is None:
+                continue  # options we do not act on (CriuPath, TaskAPIAddress, ...)
+            expected = type(getattr(cls(), name))
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"{source}: {key} must be a {expected.__name__}, not {value!r}")
+            values[name] = value
+        return cls(**values)
 
     @property
     def runtime_binary(self) -> str:

@@ -206,7 +206,10 @@ class TaskService:
         if req.terminal:
             raise TtrpcError(Code.UNIMPLEMENTED, "terminal (tty) containers are not implemented yet")
         bundle = req.bundle
-        options = RuntimeOptions.from_any(req.options)
+        try:
+            options = RuntimeOptions.from_any(req.options)
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         options.write(bundle)
         rootfs = os.path.join(bundle, "rootfs")
         mounted = False
