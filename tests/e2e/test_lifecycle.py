@@ -268,3 +268,71 @@ def test_crun_through_binary_name(e2e, tmp_path):
     else:
         # containerd 1.7+ writes OCI spec versions that Debian 12's crun 1.8 does not know.
         assert "unknown version specified" in ours.stderr, ours
+
+
+def test_background_child_holding_stdout_does_not_hang(e2e):
+    started = time.monotonic()
+    r = run(e2e, "sh", "-c", "sleep 60 & echo done", timeout=40)
+    assert (r.returncode, r.stdout) == (0, "done\n"), r
+    assert time.monotonic() - started < 30
+
+
+def test_unimplemented_rpc_is_a_clear_error(e2e):
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
+    r = e2e.ctr("task", "checkpoint", cid)
+    assert r.returncode != 0 and "Checkpoint is not implemented by pyshim yet" in r.stderr, r
+    e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+    _wait_stopped(e2e, cid)
+    e2e.ctr("task", "rm", cid, check=True)
+    e2e.ctr("container", "rm", cid, check=True)
+
+
+def test_killed_shim_is_cleaned_up_by_delete(e2e):
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
+    bundle = e2e.bundle_dir(cid)
+    (daemon,) = [pid for pid in pyshim_daemons(e2e) if os.readlink(f"/proc/{pid}/cwd") == str(bundle)]
+    container_pid = int((bundle / "init.pid").read_text())
+    os.kill(daemon, signal.SIGKILL)
+    # containerd notices the dead connection, runs `containerd-shim-pyshim-v2 delete` and
+    # publishes the task's exit with what delete returned (137).
+    deadline = time.monotonic() + 20
+    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert task_status(e2e, cid) in ("STOPPED", "")
+    while os.path.exists(f"/proc/{container_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # containerd may drop the task before its delete has finished
+    assert not os.path.exists(f"/proc/{container_pid}"), "runc delete --force did not kill the container"
+    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+    e2e.ctr("task", "rm", cid)
+    e2e.ctr("container", "rm", cid, check=True)
+
+
+def test_delete_command_without_daemon_is_idempotent(e2e):
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
+    bundle = e2e.bundle_dir(cid)
+    (daemon,) = [pid for pid in pyshim_daemons(e2e) if os.readlink(f"/proc/{pid}/cwd") == str(bundle)]
+    os.kill(daemon, signal.SIGSTOP)  # the daemon cannot help; containerd does not notice
+    try:
+        from shim.api.containerd.task.v2 import DeleteResponse
+
+        argv = [str(e2e.containerd.shim_bin_dir / "containerd-shim-pyshim-v2"), "-namespace", e2e.namespace,
+                "-address", e2e.address, "-publish-binary", "containerd", "-id", cid, "-bundle", str(bundle), "delete"]
+        for _ in range(2):
+            started = time.monotonic()
+            done = subprocess.run(argv, cwd=bundle, capture_output=True, timeout=10, env=e2e.containerd.env())
+            assert done.returncode == 0, done.stderr
+            assert time.monotonic() - started < 5
+            response = DeleteResponse.parse(done.stdout)
+            assert response.exit_status == 137 and response.exited_at.year >= 2024
+        assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+        os.kill(daemon, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    e2e.ctr("task", "rm", cid)
+    e2e.ctr("container", "rm", cid, check=True)
