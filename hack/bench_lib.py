@@ -1,0 +1,929 @@
+#!/usr/bin/env python3
+"""pyshim side by side with containerd-shim-runc-v2: lifecycle latency, idle memory, start cost.
+
+Run it through hack/bench (which installs what is needed, as hack/test does), as root:
+
+    hack/bench                          containerd 2.1, 30 pairs, 5 idle containers a runtime
+    hack/bench --containerd 1.6 --pairs 50 --idle 10
+    hack/bench --json-only              only the final JSON line on stdout
+
+One private containerd (tests/e2e/containerd.py) with the locally built busybox image in a
+fresh namespace, then:
+
+1. lifecycle: `ctr run --rm IMAGE <id> true`, alternately through io.containerd.pyshim.v2 and
+   io.containerd.runc.v2 (warm-up pairs first; the order inside a pair alternates), wall time
+   of each ctr; medians, p10/p90 and the median of the per-pair ratios pyshim/runc. The same
+   runs are cut into phases with the timestamps in containerd's debug log.
+2. idle memory: K detached `sleep 3600` containers per runtime; each shim daemon (the parent
+   of the container's init, checked by its cmdline) is measured from /proc/<pid>/smaps_rollup:
+   Pss and private (Private_Clean + Private_Dirty).
+3. start cost: `containerd-shim-pyshim-v2 -v`, the bare interpreter, and `python -X
+   importtime` of what the start command, the daemon and the delete command import.
+4. profile (--profile N runs, 0 to skip): pyshim through a traced entry point
+   (hack/bench_trace.py, runtime io.containerd.pyshimtrace.v2) that timestamps the start
+   command, the daemon's start-up, every Task API call, every runc call and the delete
+   command; shown as one timeline next to containerd's own log.
+
+A benchmark, not a test: it measures and reports, it asserts nothing about timings. It cleans
+up what it started (containers, tasks, shims, containerd, its temp dirs) on success, error,
+Ctrl-C or SIGTERM, and touches no process it did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HACK = REPO / "hack"
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+import containerd as e2e  # noqa: E402  (tests/e2e/containerd.py, after the sys.path tweak)
+
+PYSHIM = e2e.PYSHIM_RUNTIME
+RUNC = e2e.RUNC_RUNTIME
+TRACED = "io.containerd.pyshimtrace.v2"
+SHIM_BINARY = {PYSHIM: "containerd-shim-pyshim-v2", RUNC: "containerd-shim-runc-v2"}
+SHORT = {PYSHIM: "pyshim", RUNC: "runc-v2"}
+
+DAEMON_IMPORTS = ("shim.daemon, shim.service, shim.runc, shim.stdio, shim.events, shim.reaper, "
+                  "shim.ttrpc.server, shim.api.services")
+START_IMPORTS = "shim.cli, shim.start"
+DELETE_IMPORTS = ("shim.delete, shim.options, shim.mount, subprocess, datetime, "
+                  "shim.api.containerd.task.v2")
+
+TARGET_RATIO = 1.5
+TARGET_PRIVATE_MIB = 20.0
+
+_quiet = False
+
+
+class BenchError(Exception):
+    pass
+
+
+def progress(msg: str) -> None:
+    if not _quiet:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(values: Iterable[float]) -> float:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def r2(x: float, nd: int = 2) -> float | None:
+    return None if x != x else round(x, nd)  # NaN -> null in the JSON
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    out = []
+    for n, r in enumerate([headers, *rows]):
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append(indent + "  ".join(cells).rstrip())
+        if n == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# -- containerd's debug log ---------------------------------------------------------------------
+
+_LOG_LINE = re.compile(r'^time="([^"]+)" level=(\w+) msg="((?:[^"\\]|\\.)*)"(.*)$')
+_ATTR = re.compile(r'(?:^|\s)([\w.]+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def _log_time(stamp: str) -> float | None:
+    """containerd's own lines carry nanoseconds; lines copied from a shim's log may not."""
+    if not stamp.endswith("Z") or "." not in stamp:
+        return None
+    whole, frac = stamp[:-1].split(".", 1)
+    try:
+        return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float("0." + frac)
+    except ValueError:
+        return None
+
+
+def containerd_marks(log_path: Path, ids: set[str]) -> dict[str, dict[str, float]]:
+    """Per task id, when containerd logged each step of `ctr run --rm` (unix time):
+
+    snap        the last "get snapshot mounts" of the container (then it runs `shim start`)
+    connect     "connecting to shim" (containerd 1.7 and 2.x; 1.6 does not log it)
+    disconnect  "shim disconnected" (after Shutdown)
+    rmsnap      "remove snapshot" (the dead-shim cleanup, `shim delete`, is over)
+    """
+    marks: dict[str, dict[str, float]] = {i: {} for i in ids}
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return marks
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if not m:
+            continue
+        t = _log_time(m.group(1))
+        if t is None:
+            continue
+        msg = m.group(3)
+        attrs = {k: v.strip('"') for k, v in _ATTR.findall(m.group(4))}
+        key, tid = attrs.get("key"), attrs.get("id")
+        if msg == "get snapshot mounts" and key in marks:
+            marks[key]["snap"] = t
+        elif msg == "remove snapshot" and key in marks:
+            marks[key].setdefault("rmsnap", t)
+        elif msg.startswith("connecting to shim "):
+            name = msg.removeprefix("connecting to shim ").strip()
+            if name in marks:
+                marks[name].setdefault("connect", t)
+        elif msg == "shim disconnected" and tid in marks:
+            marks[tid].setdefault("disconnect", t)
+    return marks
+
+
+CD_PHASES = [
+    # (JSON key, label, from mark, to mark)
+    ("setup", "ctr + containerd: container, snapshot", "launch", "snap"),
+    ("shim_start", "`shim start` command (until containerd connects)", "snap", "connect"),
+    ("ttrpc", "Create..Shutdown over ttrpc (incl. daemon start-up)", "connect", "disconnect"),
+    ("start_and_ttrpc", "the two above together (1.6 logs no connect)", "snap", "disconnect"),
+    ("shim_delete", "dead-shim cleanup (`shim delete` command)", "disconnect", "rmsnap"),
+    ("teardown", "container delete, ctr exits", "rmsnap", "exit"),
+]
+
+
+def cd_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median ms of each CD_PHASES phase (by JSON key) over the runs that logged both marks."""
+    out = {}
+    for key, _label, a, b in CD_PHASES:
+        vals = [(r[b] - r[a]) * 1000 for r in runs if a in r and b in r]
+        if vals and len(vals) >= len(runs) // 2:
+            out[key] = median(vals)
+    return out
+
+
+# -- /proc --------------------------------------------------------------------------------------
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if len(fields) == 2 and fields[1] == "kB":
+            out[name.strip()] = int(fields[0])
+    return out
+
+
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+(?:\s+(.*))?$")
+
+
+def private_by_mapping(pid: int) -> dict[str, int]:
+    """Private (clean + dirty) kB per mapped file / [heap] / [anon]."""
+    out: dict[str, int] = {}
+    current = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        m = _MAPPING.match(line)
+        if m:
+            path = (m.group(1) or "").strip()
+            current = os.path.basename(path) if path.startswith("/") else (path or "[anon]")
+            continue
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            out[current] = out.get(current, 0) + int(line.split()[1])
+    return out
+
+
+def ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def private_kb(roll: dict[str, int]) -> int:
+    return roll.get("Private_Clean", 0) + roll.get("Private_Dirty", 0)
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, c: e2e.PrivateContainerd, ns: str, args: argparse.Namespace) -> None:
+        self.c = c
+        self.ns = ns
+        self.args = args
+        self.python = str(REPO / ".venv" / "bin" / "python")
+        self.shim = str(REPO / ".venv" / "bin" / "containerd-shim-pyshim-v2")
+
+    def ctr(self, *args: str, timeout: float = 60, check: bool = True) -> e2e.CtrResult:
+        r = self.c.ctr(*args, namespace=self.ns, timeout=timeout)
+        if check and r.returncode != 0:
+            raise BenchError(f"ctr {' '.join(args)} exited {r.returncode}\n{r}\n"
+                             f"--- containerd log tail ---\n{self.c.log_tail(30)}")
+        return r
+
+    def note(self, cid: str) -> None:
+        note_task = getattr(self.c, "note_task", None)  # lets close() find a half-started shim
+        if note_task is not None:
+            note_task(self.ns, cid)
+
+    def run_rm(self, runtime: str, cid: str) -> dict[str, float]:
+        """One `ctr run --rm ... true`; returns its launch/exit unix times and wall seconds."""
+        self.note(cid)
+        launch, t = time.time(), time.perf_counter()
+        self.ctr("run", "--rm", "--runtime", runtime, e2e.IMAGE_REF, cid, "true")
+        wall = time.perf_counter() - t
+        return {"launch": launch, "exit": launch + wall, "wall": wall}
+
+    # 1. lifecycle ------------------------------------------------------------------------------
+
+    def lifecycle(self) -> dict:
+        a = self.args
+        runs: dict[str, list[dict]] = {PYSHIM: [], RUNC: []}
+        ratios = []
+        total = a.warmup + a.pairs
+        progress(f"lifecycle: {a.warmup} warm-up + {a.pairs} measured pairs of "
+                 "`ctr run --rm IMAGE <id> true`")
+        for i in range(total):
+            order = (PYSHIM, RUNC) if i % 2 == 0 else (RUNC, PYSHIM)
+            pair = {}
+            for rt in order:
+                tag = "wu" if i < a.warmup else "lc"
+                cid = f"{tag}-{i:03d}-{SHORT[rt].replace('-', '')}"
+                r = self.run_rm(rt, cid)
+                r["id"] = cid
+                pair[rt] = r
+            if i >= a.warmup:
+                for rt in order:
+                    runs[rt].append(pair[rt])
+                ratios.append(pair[PYSHIM]["wall"] / pair[RUNC]["wall"])
+                n = i - a.warmup + 1
+                if n % 10 == 0 or n == a.pairs:
+                    progress(f"  {n}/{a.pairs} pairs")
+        marks = containerd_marks(self.c.log_path, {r["id"] for rs in runs.values() for r in rs})
+        out: dict = {"ratios": ratios, "runtimes": {}}
+        for rt, rs in runs.items():
+            ms = [r["wall"] * 1000 for r in rs]
+            merged = [{**marks.get(r["id"], {}), "launch": r["launch"], "exit": r["exit"]}
+                      for r in rs]
+            out["runtimes"][rt] = {
+                "median": median(ms), "p10": percentile(ms, 10), "p90": percentile(ms, 90),
+                "min": min(ms), "max": max(ms), "phases": cd_phases(merged),
+            }
+        out["ratio"] = median(ratios)
+        out["ratio_p10"], out["ratio_p90"] = percentile(ratios, 10), percentile(ratios, 90)
+        return out
+
+    # 2. idle memory ----------------------------------------------------------------------------
+
+    def task_pids(self) -> dict[str, int]:
+        pids = {}
+        for line in self.ctr("tasks", "ls").stdout.splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 3 and f[1].isdigit():
+                pids[f[0]] = int(f[1])
+        return pids
+
+    def find_shim(self, runtime: str, cid: str, init_pid: int) -> int:
+        """The shim daemon of cid: the parent of its init (it is a subreaper), confirmed by its
+        cmdline; else the one process whose cmdline names the shim binary, our namespace and
+        cid."""
+        binary = SHIM_BINARY[runtime]
+
+        def is_shim(pid: int) -> bool:
+            cmd = cmdline(pid)
+            return (any(os.path.basename(a) == binary for a in cmd[:2])
+                    and self.ns in cmd and cid in cmd)
+
+        parent = ppid(init_pid)
+        if is_shim(parent):
+            return parent
+        found = [p for p in e2e._all_pids() if is_shim(p)]
+        if len(found) != 1:
+            raise BenchError(f"cannot tell the {binary} process of {cid}: parent of init "
+                             f"{init_pid} is {parent} ({cmdline(parent)}), candidates {found}")
+        return found[0]
+
+    def idle_memory(self) -> dict:
+        k = self.args.idle
+        progress(f"idle memory: {k} detached `sleep 3600` containers per runtime")
+        ids = {rt: [f"idle-{SHORT[rt].replace('-', '')}-{i}" for i in range(k)]
+               for rt in (PYSHIM, RUNC)}
+        try:
+            for i in range(k):
+                for rt in (PYSHIM, RUNC):
+                    cid = ids[rt][i]
+                    self.note(cid)
+                    self.ctr("run", "-d", "--runtime", rt, e2e.IMAGE_REF, cid, "sleep", "3600")
+            time.sleep(self.args.settle)  # let every shim go idle (lazy work, GC, page faults)
+            pids = self.task_pids()
+            out: dict = {}
+            for rt in (PYSHIM, RUNC):
+                shims = []
+                for cid in ids[rt]:
+                    if cid not in pids:
+                        raise BenchError(f"task {cid} is not running: {self.ctr('tasks', 'ls')}")
+                    spid = self.find_shim(rt, cid, pids[cid])
+                    roll = smaps_rollup(spid)
+                    shims.append({"id": cid, "pid": spid, "pss": roll.get("Pss", 0),
+                                  "private": private_kb(roll), "rss": roll.get("Rss", 0),
+                                  "anon": roll.get("Anonymous", 0)})
+                mid = sorted(shims, key=lambda s: s["private"])[len(shims) // 2]
+                out[rt] = {
+                    "shims": shims,
+                    "pss": median(s["pss"] for s in shims),
+                    "private": median(s["private"] for s in shims),
+                    "rss": median(s["rss"] for s in shims),
+                    "anon": median(s["anon"] for s in shims),
+                    "by_mapping": private_by_mapping(mid["pid"]),
+                }
+            return out
+        finally:
+            progress("idle memory: killing and removing the idle containers")
+            self.c.cleanup_namespace(self.ns, timeout=20)
+
+    def import_memory(self) -> list[tuple[str, dict[str, int]]]:
+        """Private memory of a bare interpreter and after importing what the daemon imports
+        (each a fresh process of ours, measured while it waits on stdin, then ended)."""
+        steps = [
+            ("python, nothing imported", ""),
+            ("+ asyncio, logging", "import asyncio, logging"),
+            ("+ betterproto2, shim.api (Task, events)",
+             "import asyncio, logging, shim.api.containerd.task.v2, shim.api.containerd.events"),
+            ("+ everything the daemon imports", f"import asyncio, logging, {DAEMON_IMPORTS}"),
+        ]
+        out = []
+        for label, imports in steps:
+            code = f"{imports}\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()\n"
+            p = subprocess.Popen([self.python, "-c", code], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, cwd=REPO)
+            try:
+                if p.stdout is None or p.stdout.readline().strip() != b"ready":
+                    raise BenchError(f"python -c {code!r} did not start")
+                out.append((label, smaps_rollup(p.pid)))
+            finally:
+                if p.stdin:
+                    p.stdin.close()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        return out
+
+    # 3. start cost -----------------------------------------------------------------------------
+
+    def wall_ms(self, argv: list[str], n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=True, cwd=REPO)
+            times.append((time.perf_counter() - t) * 1000)
+        return median(times)
+
+    def importtime(self, imports: str, n: int) -> dict:
+        """`python -X importtime -c 'import ...'`, n runs: the medians of the total (what the
+        statement costs after the interpreter is up), per module and per package."""
+        totals, per_module, per_package, startup = [], {}, {}, []
+        for _ in range(n):
+            r = subprocess.run([self.python, "-X", "importtime", "-c", f"import {imports}"],
+                               capture_output=True, text=True, cwd=REPO, check=True)
+            entries = parse_importtime(r.stderr)
+            site = max((i for i, e in enumerate(entries) if e[2] == 0 and e[3] == "site"),
+                       default=-1)
+            startup.append(sum(e[1] for e in entries[:site + 1] if e[2] == 0) / 1000)
+            ours = entries[site + 1:]
+            totals.append(sum(e[1] for e in ours if e[2] == 0) / 1000)
+            packages: dict[str, float] = {}
+            for self_us, _cum, _level, name in ours:
+                per_module.setdefault(name, []).append(self_us / 1000)
+                pkg = package_of(name)
+                packages[pkg] = packages.get(pkg, 0.0) + self_us / 1000
+            for pkg, ms in packages.items():
+                per_package.setdefault(pkg, []).append(ms)
+        return {
+            "total": median(totals),
+            "startup_imports": median(startup),
+            "modules": sorted(((median(v), k) for k, v in per_module.items()), reverse=True),
+            "packages": sorted(((median(v), k) for k, v in per_package.items()), reverse=True),
+        }
+
+    def delete_command_ms(self, n: int) -> float:
+        """`containerd-shim-pyshim-v2 ... delete` as containerd runs it after every Shutdown,
+        here for a task that is already gone (the usual case): an empty bundle of ours and our
+        namespace (the runc root it names is removed with the namespace at cleanup)."""
+        bundle = self.c.dir / "delete-probe"
+        bundle.mkdir(exist_ok=True)
+        argv = [self.shim, "-namespace", self.ns, "-address", self.c.address,
+                "-id", "delete-probe", "-bundle", str(bundle), "delete"]
+        return self.wall_ms(argv, n)
+
+    def start_cost(self) -> dict:
+        n = self.args.repeat
+        progress(f"start cost: interpreter and -X importtime ({n} runs each)")
+        site = parse_importtime(subprocess.run(
+            [self.python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+            cwd=REPO, check=True).stderr)
+        teardown = {}
+        for key, imports in (("start", START_IMPORTS), ("delete", DELETE_IMPORTS)):
+            normal = self.wall_ms([self.python, "-c", f"import {imports}"], n)
+            skipped = self.wall_ms([self.python, "-c", f"import {imports}; import os; os._exit(0)"], n)
+            teardown[key] = (normal, normal - skipped)
+        return {
+            "delete_cmd": self.delete_command_ms(n),
+            "teardown": teardown,
+            "shim_v": self.wall_ms([self.shim, "-v"], n),
+            "python": self.wall_ms([self.python, "-c", "pass"], n),
+            "python_S": self.wall_ms([self.python, "-S", "-c", "pass"], n),
+            "python_start_imports": self.wall_ms([self.python, "-c", f"import {START_IMPORTS}"],
+                                                 n),
+            "site_entries": [(cum / 1000, name) for _s, cum, level, name in site
+                             if level <= 1 and cum >= 500],
+            "daemon": self.importtime(DAEMON_IMPORTS, n),
+            "start": self.importtime(START_IMPORTS, n),
+            "delete": self.importtime(DELETE_IMPORTS, n),
+        }
+
+    # 4. profile --------------------------------------------------------------------------------
+
+    def profile(self) -> dict:
+        n = self.args.profile
+        progress(f"profile: {n} traced pyshim runs (hack/bench_trace.py)")
+        trace = self.c.dir / "trace.tsv"
+        wrapper = self.c.bin_dir / "containerd-shim-pyshimtrace-v2"
+        wrapper.write_text(
+            f"#!{self.python}\n"
+            "import os, time\n"
+            "import time\n"
+            "_t0, _cpu = time.time(), time.process_time()\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(HACK)!r})\n"
+            "import bench_trace\n"
+            f"sys.exit(bench_trace.main({str(trace)!r}, _t0, _cpu))\n"
+        )
+        wrapper.chmod(0o755)
+        runs = []
+        for i in range(n + 1):
+            cid = f"tr-{i:03d}"
+            r = self.run_rm(TRACED, cid)
+            r["id"] = cid
+            if i > 0:  # the first one warms the page cache for the wrapper
+                runs.append(r)
+        records = parse_trace(trace)
+        marks = containerd_marks(self.c.log_path, {r["id"] for r in runs})
+        return analyse_profile(runs, records, marks)
+
+
+# -- importtime and trace parsing ---------------------------------------------------------------
+
+
+def parse_importtime(stderr: str) -> list[tuple[int, int, int, str]]:
+    """(self us, cumulative us, nesting level, module) per `-X importtime` line."""
+    out = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue  # the header line
+        name = parts[2][1:]
+        level = (len(name) - len(name.lstrip(" "))) // 2
+        out.append((int(parts[0]), int(parts[1]), level, name.strip()))
+    return out
+
+
+def package_of(name: str) -> str:
+    for prefix in ("shim.api", "shim.ttrpc"):
+        if name.startswith(prefix):
+            return prefix
+    return name if name.startswith("shim.") else name.split(".", 1)[0]
+
+
+def parse_trace(path: Path) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split("\t")
+        if len(f) != 7:
+            continue
+        out.append({"pid": int(f[0]), "t": float(f[1]), "id": f[2], "role": f[3],
+                    "event": f[4], "ms": float(f[5]) if f[5] else None, "detail": f[6]})
+    return out
+
+
+DURATION_ORDER = ["start.", "daemon.", "call.Create", "rpc.Create", "stdio.", "mount.", "runc.create",
+                  "call.Start", "rpc.Start", "runc.start", "call.Wait", "rpc.Wait", "call.Delete",
+                  "rpc.Delete", "runc.delete", "umount.", "call.", "rpc.", "runc.", "delete."]
+DURATION_LABELS = {
+    "start.interpreter_cpu": "start command: interpreter start-up (CPU before shim code)",
+    "start.imports": "start command: imports",
+    "daemon.imports_before_serving": "daemon: imports before it serves (blocks Create)",
+    "daemon.imports_in_handlers": "daemon: imports inside handlers (first call of each)",
+    "stdio.open": "  stdio: open_process_io",
+    "mount.all": "  rootfs mount_all",
+    "umount.all": "  rootfs unmount_all",
+    "delete.interpreter_cpu": "delete command: interpreter start-up (CPU before shim code)",
+    "delete.imports": "delete command: imports",
+    "delete.runtime": "delete command: `runc delete --force`",
+    "delete.response": "delete command: DeleteResponse (imports protobuf)",
+}
+
+
+def duration_label(key: str) -> str:
+    kind, _, name = key.partition(".")
+    if key in DURATION_LABELS:
+        return DURATION_LABELS[key]
+    if kind == "call":
+        return f"ttrpc {name}: decode + handler + encode"
+    if kind == "rpc":
+        return f"  {name} handler"
+    if kind == "runc":
+        return f"    runc {name}"
+    return key
+
+
+def duration_sort_key(key: str) -> tuple[int, str]:
+    rank = next((i for i, p in enumerate(DURATION_ORDER) if key.startswith(p)), len(DURATION_ORDER))
+    return rank, key
+
+
+TIMELINE_LABELS = {
+    "ctr:launch": "ctr run starts",
+    "cd:snap": "containerd: rootfs ready, runs `shim start`",
+    "start:exec": "start: Python up, shim code begins",
+    "start:fork": "start: forks the daemon (socket bound)",
+    "start:exit": "start: exits (address printed)",
+    "cd:connect": "containerd: connecting to shim",
+    "daemon:forked": "daemon: forked",
+    "daemon:serve": "daemon: in serve() (shim.daemon imported)",
+    "daemon:accept": "daemon: accepted containerd's connection",
+    "daemon:listening": "daemon: serving (Task API imported)",
+    "cd:disconnect": "containerd: shim disconnected",
+    "delete:exec": "delete: Python up, shim code begins",
+    "delete:exit": "delete: exits",
+    "daemon:exit": "daemon: exits",
+    "cd:rmsnap": "containerd: remove snapshot",
+    "ctr:exit": "ctr run exits",
+}
+
+
+def analyse_profile(runs: list[dict], records: list[dict],
+                    marks: dict[str, dict[str, float]]) -> dict:
+    by_id: dict[str, list[dict]] = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    offsets: dict[str, list[float]] = {}
+    durations: dict[str, list[float]] = {}
+    daemon_pkgs: dict[str, list[float]] = {}
+
+    def add(d: dict[str, list[float]], k: str, v: float) -> None:
+        d.setdefault(k, []).append(v)
+
+    for run in runs:
+        recs = by_id.get(run["id"], [])
+        if not recs:
+            continue
+        t0 = run["launch"]
+        events = {"ctr:launch": t0, "ctr:exit": run["exit"]}
+        for k, v in marks.get(run["id"], {}).items():
+            events[f"cd:{k}"] = v
+        sums: dict[str, float] = {}
+        listening = next((r["t"] for r in recs if r["event"] == "listening"), None)
+        for r in recs:
+            ev, role = r["event"], r["role"]
+            if ev in ("exec", "fork", "forked", "exit", "serve", "listening", "accept") or \
+                    ev.startswith("rpc"):
+                events.setdefault(f"{role}:{ev}", r["t"])
+            if ev == "exec":
+                m = re.search(r"cpu_ms=([\d.]+)", r["detail"])
+                if m:
+                    sums[f"{role}.interpreter_cpu"] = float(m[1])
+            if r["ms"] is None:
+                continue
+            if ev == "import":
+                key = f"{role}.imports"
+                if role == "daemon":
+                    before = listening is None or r["t"] <= listening
+                    key = "daemon.imports_before_serving" if before else "daemon.imports_in_handlers"
+            else:
+                key = ev.replace("<", ".", 1)  # rpc<Create -> rpc.Create, runc<create -> ...
+            sums[key] = sums.get(key, 0.0) + r["ms"]
+        for k, v in sums.items():
+            add(durations, k, v)
+        for k, v in events.items():
+            add(offsets, k, (v - t0) * 1000)
+        dumps = [r for r in recs if r["role"] == "daemon" and r["event"] == "imports"]
+        if dumps:
+            for pkg, ms in json.loads(dumps[-1]["detail"]).items():
+                add(daemon_pkgs, pkg, ms)
+    n = len(runs)
+    timeline = sorted(((median(v), k) for k, v in offsets.items() if len(v) >= n // 2))
+    return {
+        "runs": n,
+        "timeline": timeline,
+        "durations": {k: median(v) for k, v in durations.items()},
+        "daemon_import_packages": sorted(((median(v), k) for k, v in daemon_pkgs.items()),
+                                         reverse=True),
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def mib(kb: float) -> float:
+    return kb / 1024
+
+
+def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | None) -> str:
+    out = []
+    w = out.append
+    w(f"pyshim vs containerd-shim-runc-v2 on containerd {info['containerd']} "
+      f"(runc {info['runc']}, snapshotter {info['snapshotter']}); {info['machine']}")
+    w(f"Python bytecode: {info['bytecode']}")
+    w("")
+    py, rc = lc["runtimes"][PYSHIM], lc["runtimes"][RUNC]
+    w(f"1. Lifecycle: `ctr run --rm IMAGE <id> true`, {info['pairs']} pairs after "
+      f"{info['warmup']} warm-up pairs (ms, wall time of ctr)")
+    w(table(["runtime", "median", "p10", "p90", "min", "max"], [
+        [SHORT[rt], fmt(s["median"]), fmt(s["p10"]), fmt(s["p90"]), fmt(s["min"]), fmt(s["max"])]
+        for rt, s in ((PYSHIM, py), (RUNC, rc))
+    ]))
+    w(f"  median of per-pair ratios pyshim/runc-v2: {lc['ratio']:.2f} "
+      f"(p10 {lc['ratio_p10']:.2f}, p90 {lc['ratio_p90']:.2f}; target <= {TARGET_RATIO})")
+    w("")
+    w("   Where the time goes, from containerd's debug log (median ms per run)")
+    rows = []
+    for key, label, _a, _b in CD_PHASES:
+        a, b = py["phases"].get(key), rc["phases"].get(key)
+        if a is None and b is None:
+            continue
+        diff = (a - b) if a is not None and b is not None else None
+        rows.append([label, fmt(a), fmt(b), fmt(diff)])
+    w(table(["phase", "pyshim", "runc-v2", "extra"], rows))
+    w("")
+    k = info["idle"]
+    w(f"2. Idle memory: one shim per `sleep 3600` container, {k} per runtime "
+      "(/proc/<pid>/smaps_rollup, median, MiB)")
+    p, r = mem[PYSHIM], mem[RUNC]
+    w(table(["runtime", "Pss", "private", "Rss", "anonymous"], [
+        [SHORT[rt], fmt(mib(m["pss"]), 2), fmt(mib(m["private"]), 2), fmt(mib(m["rss"]), 2),
+         fmt(mib(m["anon"]), 2)] for rt, m in ((PYSHIM, p), (RUNC, r))
+    ]))
+    w(f"  ratios pyshim/runc-v2: Pss {p['pss'] / r['pss']:.2f}, private "
+      f"{p['private'] / r['private']:.2f} (target: pyshim private <= {TARGET_PRIVATE_MIB:g} MiB)")
+    for rt in (PYSHIM, RUNC):
+        top = sorted(mem[rt]["by_mapping"].items(), key=lambda kv: -kv[1])[:6]
+        w(f"  {SHORT[rt]} private by mapping (median shim): "
+          + ", ".join(f"{name} {mib(kb):.2f}" for name, kb in top))
+    base = imem[0][1]
+    w("  Python's share (fresh interpreters of the venv, private MiB / Pss MiB):")
+    w(table(["what is imported", "private", "Pss", "+private"], [
+        [label, fmt(mib(private_kb(roll)), 2), fmt(mib(roll.get("Pss", 0)), 2),
+         fmt(mib(private_kb(roll) - private_kb(base)), 2)] for label, roll in imem
+    ], indent="    "))
+    w("")
+    w(f"3. Start cost (median of {info['repeat']} runs, ms)")
+    w(table(["command", "wall"], [
+        ["containerd-shim-pyshim-v2 -v", fmt(sc["shim_v"])],
+        ["python -c pass (venv interpreter, site)", fmt(sc["python"])],
+        ["python -S -c pass (no site)", fmt(sc["python_S"])],
+        [f"python -c 'import {START_IMPORTS}'", fmt(sc["python_start_imports"])],
+        ["containerd-shim-pyshim-v2 ... delete (task already gone)", fmt(sc["delete_cmd"])],
+    ]))
+    w("  interpreter teardown at exit (wall of `python -c 'import X'` minus the same ending in "
+      "os._exit(0)): " + ", ".join(f"{k} imports {v[1]:.1f} of {v[0]:.1f} ms"
+                                    for k, v in sc["teardown"].items()))
+    w("  interpreter start-up imports over 0.5 ms (-X importtime, cumulative ms): "
+      + ", ".join(f"{name} {ms:.1f}" for ms, name in sc["site_entries"]))
+    for key, what in (("start", START_IMPORTS), ("daemon", DAEMON_IMPORTS),
+                      ("delete", DELETE_IMPORTS)):
+        it = sc[key]
+        w(f"  -X importtime `import {what}`: {it['total']:.1f} ms "
+          f"(after {it['startup_imports']:.1f} ms of start-up imports)")
+        top = 12 if key == "daemon" else 5
+        w("    by package (self ms): " + ", ".join(f"{k} {v:.1f}" for v, k in it["packages"][:top]))
+        if key == "daemon":
+            w("    top modules (self ms): "
+              + ", ".join(f"{k} {v:.1f}" for v, k in it["modules"][:top]))
+    if prof:
+        w("")
+        w(f"4. Profile: {prof['runs']} traced pyshim runs (hack/bench_trace.py; the tracing "
+          "adds a little), median ms")
+        rows, prev = [], None
+        for off, key in prof["timeline"]:
+            label = TIMELINE_LABELS.get(key)
+            if label is None:
+                role, ev = key.split(":", 1)
+                label = f"{role}: {ev.replace('rpc>', '').replace('rpc<', '')} " + \
+                    ("in" if ev.startswith("rpc>") else "out")
+            rows.append([label, fmt(off), fmt(off - prev) if prev is not None else ""])
+            prev = off
+        w(table(["event (since ctr run starts)", "at", "+"], rows))
+        w("  durations (median ms per run, summed over calls):")
+        rows = [[duration_label(k), fmt(v)]
+                for k, v in sorted(prof["durations"].items(), key=lambda kv: duration_sort_key(kv[0]))]
+        w(table(["what", "ms"], rows, indent="    "))
+        if prof["daemon_import_packages"]:
+            w("  daemon's imports by package (self ms, whole life): " + ", ".join(
+                f"{k} {v:.1f}" for v, k in prof["daemon_import_packages"][:12]))
+    return "\n".join(out)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def setup_bytecode(where: Path, inherit: bool) -> str:
+    """Give every Python process the bench starts (containerd's shims inherit its environment)
+    a bytecode cache of ours under `where`, primed with everything the shim imports: an
+    installed pyshim has its .pyc files (pip compiles them), a checkout run with
+    PYTHONDONTWRITEBYTECODE=1 recompiles shim/ at every start. Returns what was chosen."""
+    dont = os.environ.get("PYTHONDONTWRITEBYTECODE")
+    if inherit:
+        cached = (REPO / "shim" / "__pycache__").is_dir()
+        return (f"inherited (PYTHONDONTWRITEBYTECODE={dont or 'unset'}, "
+                f"PYTHONPYCACHEPREFIX={os.environ.get('PYTHONPYCACHEPREFIX', 'unset')}, "
+                f"shim/__pycache__ {'present' if cached else 'absent'})")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(where / "pycache")
+    python = str(REPO / ".venv" / "bin" / "python")
+    everything = ", ".join((START_IMPORTS, DAEMON_IMPORTS, DELETE_IMPORTS))
+    subprocess.run([python, "-c", f"import {everything}"], check=True, cwd=REPO)
+    return "private bytecode cache, primed (as an installed pyshim)"
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="hack/bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--containerd", default="2.1", choices=sorted(e2e.TARGETS),
+                    help="containerd version to run (default 2.1)")
+    ap.add_argument("--pairs", type=int, default=30, help="measured lifecycle pairs (30)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up pairs, not measured (3)")
+    ap.add_argument("--idle", type=int, default=5, help="idle containers per runtime (5)")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds the idle shims get before they are measured (2)")
+    ap.add_argument("--repeat", type=int, default=10,
+                    help="runs of each start-cost command (10)")
+    ap.add_argument("--profile", type=int, default=10, metavar="N",
+                    help="traced pyshim runs for the profile, 0 to skip (10)")
+    ap.add_argument("--inherit-pyc-env", action="store_true",
+                    help="run the shims with this environment's bytecode settings (e.g. "
+                         "PYTHONDONTWRITEBYTECODE=1: shim/ is compiled on every start) instead "
+                         "of a private, primed bytecode cache like an installed pyshim has")
+    ap.add_argument("--save-log", metavar="FILE",
+                    help="copy containerd's debug log (with the shims' logs) to FILE at the end")
+    ap.add_argument("--json-only", action="store_true",
+                    help="print only the JSON line (no table, no progress)")
+    a = ap.parse_args(argv)
+    if a.pairs < 1 or a.idle < 1 or a.repeat < 1 or a.warmup < 0 or a.profile < 0:
+        ap.error("--pairs, --idle and --repeat must be >= 1; --warmup, --profile >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _quiet
+    args = parse_args(argv)
+    _quiet = args.json_only
+    if os.geteuid() != 0:
+        print("bench: must run as root (runs containerd and containers)", file=sys.stderr)
+        return 2
+    # Ctrl-C even when started from a shell that ignores SIGINT for background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+
+    base = Path(os.environ.get("PYSHIM_BENCH_TMP", tempfile.gettempdir())) / "pyshim-bench"
+    c: e2e.PrivateContainerd | None = None
+    rc = 0
+    try:
+        image = e2e.build_busybox_image(e2e.image_cache_dir())
+        c = e2e.PrivateContainerd(args.containerd, base_dir=base)
+        bytecode = setup_bytecode(c.dir, args.inherit_pyc_env)
+        progress(f"starting containerd {args.containerd} in {c.dir}")
+        c.start()
+        ns = c.new_namespace("bench", image=image)
+        bench = Bench(c, ns, args)
+        info = {
+            "containerd": c.version, "runc": c.runc_version, "snapshotter": c.snapshotter,
+            "pairs": args.pairs, "warmup": args.warmup, "idle": args.idle,
+            "repeat": args.repeat, "bytecode": bytecode,
+            "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, "
+                       f"Python {platform.python_version()}",
+        }
+        lc = bench.lifecycle()
+        mem = bench.idle_memory()
+        imem = bench.import_memory()
+        sc = bench.start_cost()
+        prof = bench.profile() if args.profile else None
+        if not args.json_only:
+            print(report(info, lc, mem, imem, sc, prof))
+            print()
+        print(json.dumps(summary(info, lc, mem, sc, prof)), flush=True)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; cleaning up", file=sys.stderr)
+        rc = 130
+    except (BenchError, e2e.CtrError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        # a second Ctrl-C must not cut the cleanup short (every step in close() has a timeout)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        if c is not None and args.save_log:
+            try:
+                shutil.copyfile(c.log_path, args.save_log)
+            except OSError as exc:
+                print(f"bench: cannot save the log: {exc}", file=sys.stderr)
+        if c is not None:
+            progress("cleaning up (containers, shims, containerd, temp dirs)")
+            left = c.close()
+            if left:
+                print("bench: leftovers after cleanup:\n  " + "\n  ".join(left), file=sys.stderr)
+                rc = rc or 1
+        try:
+            base.rmdir()  # only when no other bench is using it
+        except OSError:
+            pass
+    return rc
+
+
+def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None) -> dict:
+    py, rc = lc["runtimes"][PYSHIM], lc["runtimes"][RUNC]
+    p, r = mem[PYSHIM], mem[RUNC]
+    out = {
+        "lifecycle_ratio": r2(lc["ratio"], 3),
+        "pyshim_ms": r2(py["median"]),
+        "runc_ms": r2(rc["median"]),
+        "pyshim_p10_ms": r2(py["p10"]), "pyshim_p90_ms": r2(py["p90"]),
+        "runc_p10_ms": r2(rc["p10"]), "runc_p90_ms": r2(rc["p90"]),
+        "pss_ratio": r2(p["pss"] / r["pss"], 3),
+        "private_ratio": r2(p["private"] / r["private"], 3),
+        "pyshim_pss_mib": r2(mib(p["pss"])), "runc_pss_mib": r2(mib(r["pss"])),
+        "pyshim_private_mib": r2(mib(p["private"])), "runc_private_mib": r2(mib(r["private"])),
+        "shim_v_ms": r2(sc["shim_v"]),
+        "delete_cmd_ms": r2(sc["delete_cmd"]),
+        "python_startup_ms": r2(sc["python"]),
+        "start_import_ms": r2(sc["start"]["total"]),
+        "daemon_import_ms": r2(sc["daemon"]["total"]),
+        "delete_import_ms": r2(sc["delete"]["total"]),
+        "phases_ms": {
+            SHORT[rt]: {k: r2(v) for k, v in lc["runtimes"][rt]["phases"].items()}
+            for rt in (PYSHIM, RUNC)
+        },
+        "containerd": info["containerd"], "runc": info["runc"],
+        "pairs": info["pairs"], "idle": info["idle"], "bytecode": info["bytecode"],
+        "meets_ratio_target": lc["ratio"] <= TARGET_RATIO,
+        "meets_private_target": mib(p["private"]) <= TARGET_PRIVATE_MIB,
+    }
+    if prof:
+        out["profile_ms"] = {k: r2(v) for k, v in prof["durations"].items()}
+        out["profile_timeline_ms"] = {k: r2(v) for v, k in prof["timeline"]}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
