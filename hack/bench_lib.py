@@ -176,7 +176,7 @@ CD_PHASES = [
     ("setup", "ctr + containerd: container, snapshot", "launch", "snap"),
     ("shim_start", "`shim start` command (until containerd connects)", "snap", "connect"),
     ("ttrpc", "Create..Shutdown over ttrpc (incl. daemon start-up)", "connect", "disconnect"),
-    ("start_and_ttrpc", "the two above together (1.6 logs no connect)", "snap", "disconnect"),
+    ("start_and_ttrpc", "`shim start` + Create..Shutdown (1.6 logs no connect)", "snap", "disconnect"),
     ("shim_delete", "dead-shim cleanup (`shim delete` command)", "disconnect", "rmsnap"),
     ("teardown", "container delete, ctr exits", "rmsnap", "exit"),
 ]
