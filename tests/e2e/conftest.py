@@ -127,7 +127,9 @@ class E2E:
 
     def new_id(self, prefix: str = "c") -> str:
         """A container id unique in the session (valid for containerd and runc)."""
-        return f"{_slug(prefix, 20)}-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        id = f"{_slug(prefix, 20)}-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        self.containerd.note_task(self.namespace, id)
+        return id
 
     def ctr(self, *args: str, **kw) -> CtrResult:
         """containerd.ctr(...) in this test's namespace (pass namespace= to override)."""

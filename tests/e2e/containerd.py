@@ -309,6 +309,13 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return alive
 
 
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -362,6 +369,7 @@ class PrivateContainerd:
         target: str | Target,
         *,
         base_dir: Path | str | None = None,
+        _adopt: tuple[Path, str] | None = None,
         runc: Path | str | None = None,
         shim_bin_dir: Path | str | None = None,
         snapshotter: str | None = None,
@@ -374,9 +382,15 @@ class PrivateContainerd:
         self.shim_bin_dir = Path(shim_bin_dir) if shim_bin_dir else _default_shim_bin_dir()
         base = Path(base_dir or os.environ.get("PYSHIM_E2E_TMP", tempfile.gettempdir()))
         base.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"pyshim-e2e-{self.target.id}-", dir=base))
-        os.chmod(self.dir, 0o711)
-        self.token = uuid.uuid4().hex[:8]
+        if _adopt:
+            self.dir, self.token = _adopt
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"pyshim-e2e-{self.target.id}-", dir=base))
+            os.chmod(self.dir, 0o711)
+            self.token = uuid.uuid4().hex[:8]
+            # lets a later run clean up after one that was killed (see sweep_stale)
+            me = os.getpid()
+            (self.dir / OWNER_FILE).write_text(f"{me} {_start_time(me)} {self.token}\n")
         self.root = self.dir / "root"
         self.state = self.dir / "state"
         self.bin_dir = self.dir / "bin"
@@ -452,6 +466,7 @@ class PrivateContainerd:
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 30.0) -> PrivateContainerd:
+        sweep_stale(self.dir.parent)
         missing = self.target.missing()
         if missing:
             raise FileNotFoundError(f"containerd {self.target.id}: missing {missing}; run hack/test")
@@ -593,6 +608,27 @@ class PrivateContainerd:
         self._seen_tasks = tasks
         return tasks
 
+    def note_task(self, namespace: str, id: str) -> None:
+        """Remember a (namespace, id) so close() removes its shim's socket even if containerd
+        never got to know the shim (e.g. a shim that failed half-way through `start`)."""
+        self._seen_tasks.add((namespace, id))
+
+    def _our_shim_sockets(self) -> set[str]:
+        """Shim sockets (under /run/containerd/s) of our tasks: computed from the (namespace, id)
+        pairs seen, plus every such address our containerd logged (it logs each shim it
+        connects to)."""
+        socks = set()
+        for ns, id_ in self._seen_tasks:
+            for debug in (False, True):
+                socks.add(self.shim_socket_address(ns, id_, debug).removeprefix("unix://"))
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            log = ""
+        pat = re.escape(str(SHIM_SOCKET_DIR)) + r"/[0-9a-f]{64}"
+        socks |= set(re.findall(pat, log))
+        return socks
+
     def _our_processes(self) -> list[tuple[int, list[str]]]:
         """Processes this instance started: containerd itself, its shims (their cmdline names our
         socket, their cwd is a bundle under our state dir) and anything else run from our dir."""
@@ -714,14 +750,11 @@ class PrivateContainerd:
             for mp in mps:
                 _umount_detach(mp)
 
-        for ns, id_ in self._seen_tasks:
-            for debug in (False, True):
-                sock = self.shim_socket_address(ns, id_, debug).removeprefix("unix://")
-                for f in (sock, sock + ".sock"):
-                    try:
-                        os.unlink(f)
-                    except OSError:
-                        pass
+        for sock in self._our_shim_sockets():
+            try:
+                os.unlink(sock)
+            except OSError:
+                pass
         for ns in self.namespaces:
             shutil.rmtree(RUNC_ROOT / ns, ignore_errors=True)
 
@@ -736,10 +769,7 @@ class PrivateContainerd:
         out = [f"process {p}: {' '.join(c)}" for p, c in self._our_processes()]
         out += [f"mount {m}" for m in _mounts_under(self.dir)]
         out += [f"cgroup {c}" for c in self._our_cgroups()]
-        for ns, id_ in self._seen_tasks:
-            sock = self.shim_socket_address(ns, id_).removeprefix("unix://")
-            if os.path.exists(sock):
-                out.append(f"shim socket {sock} ({ns}/{id_})")
+        out += [f"shim socket {s}" for s in self._our_shim_sockets() if os.path.exists(s)]
         out += [f"runc state {RUNC_ROOT / ns}" for ns in self.namespaces
                 if (RUNC_ROOT / ns).exists()]
         return out
@@ -752,6 +782,38 @@ class PrivateContainerd:
 
     def __repr__(self) -> str:
         return f"<PrivateContainerd {self.target.id} ({self.version}) at {self.dir}>"
+
+
+OWNER_FILE = "owner"
+
+
+def sweep_stale(base: Path) -> list[str]:
+    """Clean up after private containerds whose owning process died without cleaning up (a
+    killed pytest): only dirs named pyshim-e2e-* made by this module, whose owner file names a
+    process that no longer exists.  Returns what it could not clean."""
+    left: list[str] = []
+    for d in sorted(Path(base).glob("pyshim-e2e-*")):
+        try:
+            pid, start, token = (d / OWNER_FILE).read_text().split()[:3]
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        if _start_time(int(pid)) == start:
+            continue  # its owner is alive
+        vid = d.name.split("-")[2]
+        target = TARGETS.get(vid, TARGETS["1.6"])
+        c = PrivateContainerd(target, _adopt=(d, token))
+        prefix = f"pyshim-{token}-"
+        found = set()
+        for where in (RUNC_ROOT, c.state / "io.containerd.runtime.v2.task",
+                      *(CGROUP_V1_ROOT.iterdir() if CGROUP_V1_ROOT.is_dir() else [])):
+            try:
+                found |= {n for n in os.listdir(where) if n.startswith(prefix)}
+            except OSError:
+                pass
+        c.namespaces = sorted(found)
+        print(f"pyshim e2e: cleaning up stale {d} (owner pid {pid} is gone)", file=sys.stderr)
+        left += c.close()
+    return left
 
 
 def _flag(cmd: list[str], name: str) -> str | None:
@@ -804,6 +866,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"containerd {c.version} (runc {c.runc_version}), private, at {c.address}; "
               f"snapshotter {c.snapshotter}", file=sys.stderr)
         ns = c.new_namespace("demo", image=image)
+        c.note_task(ns, a.id)
         cmd = ["run", "--rm", "--runtime", a.runtime, IMAGE_REF, a.id, *a.command]
         print(f"$ ctr --namespace {ns} {' '.join(cmd)}", file=sys.stderr, flush=True)
         r = c.ctr(*cmd, namespace=ns, timeout=a.timeout)
