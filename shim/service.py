@@ -337,7 +337,9 @@ class TaskService:
             if early is not None:
                 self._spawn(self._process_exit(process, early))
         finally:
-            self._exec_start_collectors.remove(collector)
+            # By identity: list.remove compares with ==, and two starting execs' empty
+            # collectors are equal, so it could drop the other exec's (its early exit lost).
+            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
             self._exec_start_finished(container)
         return task.StartResponse(pid=process.pid)
 
