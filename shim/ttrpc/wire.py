@@ -73,3 +73,31 @@ def string_fields(data: bytes) -> dict[int, bytes]:
             found[field_number] = data[pos : pos + length]
             pos += length
     return found
+
+
+def _encode_varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int64 two's complement, as protobuf encodes negative varints
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_varint_field(field_number: int, value: int) -> bytes:
+    """A varint field, omitted when zero (proto3 default)."""
+    return _encode_varint(field_number << 3) + _encode_varint(value) if value else b""
+
+
+def encode_bytes_field(field_number: int, value: bytes) -> bytes:
+    return _encode_varint(field_number << 3 | 2) + _encode_varint(len(value)) + value
+
+
+def encode_timestamp(seconds: int, nanos: int) -> bytes:
+    """google.protobuf.Timestamp, for the few hand-encoded messages of the short-lived commands."""
+    return encode_varint_field(1, seconds) + encode_varint_field(2, nanos)

@@ -30,3 +30,17 @@ def test_wellformed(data):
 def test_malformed(data, reason):
     with pytest.raises(MalformedMessage, match=reason):
         check_wellformed(data)
+
+
+def test_hand_encoded_delete_response_matches_generated_code():
+    import datetime
+
+    from shim.api.containerd.task.v2 import DeleteResponse
+    from shim.delete import delete_response
+
+    for pid, status, ns in [(0, 137, 1_700_000_000_123_456_000), (4242, 0, 5_000), (2**31, 255, 0)]:
+        when = datetime.datetime.fromtimestamp(ns // 1000 / 1e6, tz=datetime.timezone.utc)
+        ours = DeleteResponse.parse(delete_response(pid, status, ns))
+        assert (ours.pid, ours.exit_status) == (pid, status)
+        assert ours.exited_at == when
+        assert delete_response(pid, status, ns) == bytes(DeleteResponse(pid=pid, exit_status=status, exited_at=when))
