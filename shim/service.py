@@ -230,6 +230,10 @@ class TaskService:
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
         io = None
+        # Rule 1: init may die before `runc create` returns (killed, OOM); its exit is then of
+        # a pid we do not know yet, so collect it like an exec's while it starts.
+        early_exits: list = []
+        self._exec_start_collectors.append(early_exits)
         try:
             io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, uid=options.io_uid, gid=options.io_gid)
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
@@ -255,10 +259,14 @@ class TaskService:
             if mounted:
                 unmount_all(rootfs)
             raise
+        finally:
+            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not early_exits]
         init.io = io
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
         self.containers[req.id] = container
-        self._by_pid[init.pid] = init
+        early = next((e for e in early_exits if e.pid == init.pid), None)
+        if early is None:
+            self._by_pid[init.pid] = init
         self.publisher.publish(
             "/tasks/create",
             events.TaskCreate(
@@ -270,6 +278,8 @@ class TaskService:
                 pid=init.pid,
             ),
         )
+        if early is not None:
+            self._spawn(self._process_exit(init, early))  # after /tasks/create, as the Go shim
         return task.CreateTaskResponse(pid=init.pid)
 
     async def start(self, req: task.StartRequest, ctx) -> task.StartResponse:
