@@ -309,7 +309,10 @@ class TaskService:
         from shim.runc import RuncError
         from shim.stdio import open_process_io
 
-        if container.init.has_exited or container.init.state in (Stopped, Deleted):
+        init = container.init
+        # Rule 3: refused from the moment init's exit is reaped (it leaves _by_pid then), not only
+        # once it is published: an exec started in between would not be waited for.
+        if init.has_exited or init.state in (Stopped, Deleted) or self._by_pid.get(init.pid) is not init:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container.id} init process is not running: failed precondition")
         process.state.check("start")
         collector: list = []
