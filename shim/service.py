@@ -285,6 +285,11 @@ class TaskService:
     async def start(self, req: task.StartRequest, ctx) -> task.StartResponse:
         container = self._container(req.id)
         process = container.process(req.exec_id)
+        if process in self._starting:
+            # Its Start is in flight (the Go shim serializes them, then refuses the second).
+            # Let through, it ran the runtime again and, failing, took the process off
+            # _starting early, so an exit could go out before /tasks/start (rule 2).
+            raise TtrpcError(Code.UNKNOWN, "cannot start a running process")
         if isinstance(process, ExecProcess):
             return await self._start_exec(container, process)
         from shim.runc import RuncError
@@ -318,6 +323,7 @@ class TaskService:
         collector: list = []
         self._exec_start_collectors.append(collector)
         container.starting_execs += 1
+        self._starting.add(process)
         try:
             io = await open_process_io(
                 process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
@@ -353,6 +359,7 @@ class TaskService:
             # By identity: list.remove compares with ==, and two starting execs' empty
             # collectors are equal, so it could drop the other exec's (its early exit lost).
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
+            self._starting.discard(process)
             self._exec_start_finished(container)
         return task.StartResponse(pid=process.pid)
 
