@@ -13,7 +13,6 @@ once per container, not twice.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import posixpath
@@ -39,10 +38,18 @@ def group_id(bundle: str, task_id: str) -> str:
     return task_id
 
 
+def _sha256_hex(data: bytes) -> str:
+    try:
+        from _sha256 import sha256  # the built-in one: hashlib would load OpenSSL (~3 ms)
+    except ImportError:
+        from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     """unix:///run/containerd/s/<sha256 of address/namespace/group>, as the Go shim computes it."""
     key = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
-    path = f"{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
+    path = f"{SOCKET_DIR}/{_sha256_hex(key.encode())}"
     if len(path) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes")
     return "unix://" + path
@@ -151,7 +158,7 @@ def start(flags) -> int:
     else:
         sys.stdout.write(address)
     sys.stdout.flush()
-    return 0
+    os._exit(0)  # skip interpreter teardown: containerd waits for this process to exit
 
 
 def _become_daemon(flags, listener: socket.socket) -> None:
