@@ -391,7 +391,9 @@ class TaskService:
             unmount_all(container.rootfs)
             container.rootfs_mounted = False
         process.state = Deleted
-        self._by_pid.pop(process.pid, None)
+        for gone in container.all_processes():  # execs that never exited go with the container
+            if self._by_pid.get(gone.pid) is gone:
+                del self._by_pid[gone.pid]
         del self.containers[container.id]
         self.publisher.publish(
             "/tasks/delete",
