@@ -1,0 +1,748 @@
+"""A warm parent ("zygote") that forks the per-container shim daemons.
+
+Without it, every container start pays for a fresh daemon's imports (asyncio, betterproto2,
+the generated protobuf modules, the shim's own modules: ~120 ms on a small machine) while
+containerd's Create already waits on the socket. The zygote is one long-lived process per
+pyshim installation that has imported all of that once; `start` hands it the bound listening
+socket and the zygote forks a daemon that serves at once.
+
+`start` side (`spawn_daemon`, this module's top level: stdlib only, cheap to import):
+
+* connect to the zygote's unix socket (SOCK_SEQPACKET), send one request -- the start
+  command's flags, bundle and environment, with the listening socket as SCM_RIGHTS -- and
+  read the daemon's pid; answer "go" and return the pid. Any failure returns None and the
+  caller forks the daemon itself, exactly as without a zygote.
+* no zygote listening: start one (posix_spawn of a fresh interpreter in its own session,
+  stdio on /dev/null, no fd of containerd's) under an flock, and return None for this start.
+* ``PYSHIM_ZYGOTE=0`` disables all of it.
+
+The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root>``):
+
+* imports what the daemon imports, warms betterproto2's per-class metadata, `gc.freeze()`s,
+  then binds its socket (mode 0600, dir 0700) and holds the flock for its whole life, so at
+  most one zygote per installation is alive or starting;
+* a plain blocking accept loop, no asyncio loop ever runs in it, no threads; it answers one
+  request at a time (~1.5 ms each here) and only peers with its own uid (SO_PEERCRED) whose
+  namespaces, credentials, capabilities, seccomp and LSM label are its own;
+* per request it forks the daemon (one fork) and reaps its daemons on SIGCHLD, so no zombie
+  stays behind; a daemon outliving the zygote is reparented like a start-forked one (whose
+  parent, start, exits at once);
+* it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
+  ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600) or when its socket file is
+  no longer its own, and writes a small best-effort log next to its socket (``.log``).
+
+The daemon child becomes what a start-forked daemon would have been: own process group (not
+a session leader), the start command's signal dispositions and mask, cgroups (v1 and v2),
+rlimits, umask, CPU affinity, nice value and oom_score_adj, cwd = bundle, the start command's
+environment (also shown in /proc/<pid>/environ) and command line (/proc/<pid>/cmdline and
+comm, so `ps` and tools that look for the shim by its arguments see the usual shim), none of
+the zygote's fds. It sends its pid to `start`, waits for "go" (so that a start that gave up
+waiting can never end up with two daemons on one socket), then calls
+`shim.daemon.serve(flags, listener)`.
+
+The socket's name is keyed by the installation: interpreter, package directory, version,
+size and mtime of every .py file of the package, uid and PYTHON* environment variables; an
+upgraded or edited pyshim starts a new zygote and the old one idles out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from shim import __version__
+
+DEFAULT_DIR = "/run/containerd/s"
+#: Seconds without a request after which the zygote exits (env PYSHIM_ZYGOTE_IDLE).
+DEFAULT_IDLE = 600.0
+#: `spawn_daemon`'s limit for each step of its exchange (connect, send, pid reply).
+CLIENT_TIMEOUT = 2.0
+#: The zygote's limit for reading a request; the daemon's for receiving "go".
+REQUEST_TIMEOUT = 2.0
+GO_TIMEOUT = 10.0
+#: How often an idle zygote checks that its socket file is still its own.
+CHECK_INTERVAL = 5.0
+#: Seconds between two attempts to start a zygote (one that fails is not retried per start).
+RESPAWN_DELAY = 10.0
+PROTOCOL = 1
+MAX_MESSAGE = 1 << 20
+#: Room in the zygote's argv and environ areas for the daemons' /proc cmdline and environ.
+ARG_ROOM = 4096
+ENV_ROOM = 32768
+_PAD_VAR = "PYSHIM_ZYGOTE_PAD"
+_NAME = "pyshim-zygote-"
+
+#: Why the last `spawn_daemon` returned None (for tests and debugging; never printed:
+#: containerd reads the start command's output as the address).
+last_error = ""
+
+
+def _enabled() -> bool:
+    return os.environ.get("PYSHIM_ZYGOTE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _sha256():
+    try:
+        from _sha256 import sha256  # the built-in one: hashlib would load OpenSSL (~3 ms)
+    except ImportError:
+        from hashlib import sha256
+    return sha256()
+
+
+def _flag_values(flags) -> dict:
+    names = getattr(flags, "__slots__", None) or getattr(flags, "__dataclass_fields__", None) or vars(flags)
+    return {name: getattr(flags, name) for name in names}
+
+
+def installation_key() -> str:
+    package = os.path.dirname(os.path.abspath(__file__))
+    h = _sha256()
+    for part in (sys.executable, package, __version__, str(os.getuid())):
+        h.update(os.fsencode(part) + b"\0")
+    for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
+        h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
+    files = []
+    stack = [package]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    st = entry.stat()
+                    files.append(f"{entry.path}\0{st.st_mtime_ns}\0{st.st_size}")
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    for line in sorted(files):
+        h.update(os.fsencode(line) + b"\n")
+    return h.hexdigest()
+
+
+def socket_path(directory: str | None = None) -> str:
+    directory = directory or os.environ.get("PYSHIM_ZYGOTE_DIR") or DEFAULT_DIR
+    return os.path.join(directory, _NAME + installation_key()[:32])
+
+
+def spawn_daemon(flags, listener: socket.socket, bundle: str, *, directory: str | None = None) -> int | None:
+    """The pid of a daemon a warm zygote forked to serve `listener`, or None: fork it yourself.
+
+    None never leaves a daemon behind for this listener: the daemon serves only after we
+    answered its pid with "go". When no zygote is listening, one is started for the next
+    starts (and None returned for this one).
+    """
+    global last_error
+    last_error = ""
+    if not _enabled():
+        last_error = "disabled by PYSHIM_ZYGOTE"
+        return None
+    conn = None
+    try:
+        path = socket_path(directory)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.settimeout(CLIENT_TIMEOUT)
+        try:
+            conn.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            last_error = f"no zygote at {path}: {exc}"
+            start_zygote(path)
+            return None
+        request = json.dumps({
+            "v": PROTOCOL,
+            "flags": _flag_values(flags),
+            "bundle": bundle,
+            "env": dict(os.environ),
+        }).encode()
+        fd = listener.fileno().to_bytes(4, sys.byteorder)
+        conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd)])
+        reply = json.loads(conn.recv(65536) or b"{}")
+        pid = reply.get("pid")
+        if type(pid) is not int or pid <= 0:
+            last_error = f"zygote refused: {reply.get('error', 'no reply')}"
+            return None
+        conn.send(b"go")
+        return pid
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        last_error = f"zygote failed: {exc!r}"
+        return None
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def start_zygote(path: str) -> bool:
+    """Start a zygote serving `path` unless one is alive or starting (it holds the lock)."""
+    import fcntl
+    import time
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not sys.executable:
+            return False
+        # The lock file holds the time of the last attempt: a zygote that cannot start (or
+        # dies at once) is retried every RESPAWN_DELAY seconds, not at every container start.
+        now = time.time()
+        try:
+            last = float(os.pread(lock, 64, 0) or b"0")
+        except ValueError:
+            last = 0.0
+        if 0 <= now - last < RESPAWN_DELAY:
+            return False
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{now:.3f}\n".encode(), 0)
+        os.set_inheritable(lock, True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        boot = ("import sys; sys.path.insert(0, sys.argv[3]); from shim.zygote import main; "
+                "sys.exit(main(sys.argv[1:]))")
+        argv = [sys.executable, "-P", "-c", boot, path, str(lock), root, "-" * ARG_ROOM]
+        env = {**os.environ, _PAD_VAR: "-" * ENV_ROOM}
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+        # containerd's pipes are 0-2; whatever else this process might have inherited must
+        # not reach a process that outlives it
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                if fd > 2 and fd != lock and os.get_inheritable(fd):
+                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
+            except OSError:
+                pass
+        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=actions)
+        return True
+    finally:
+        os.close(lock)  # the zygote holds its own copy of the locked file
+
+
+# -- the zygote ---------------------------------------------------------------------------------
+
+#: What the daemon imports (at start and in its handlers), imported once by the zygote.
+PRELOAD = (
+    "shim.daemon",  # first: it keeps asyncio from importing ssl
+    "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource", "shim.cli",
+    "shim.events", "shim.reaper", "shim.service", "shim.ttrpc.server", "shim.ttrpc.client",
+    "shim.api.services", "shim.runc", "shim.stdio", "shim.mount", "shim.container",
+    "shim.process", "shim.options", "shim.api.containerd.events", "shim.api.containerd.task.v2",
+    "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
+    "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
+)
+
+_NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
+_SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                "NoNewPrivs", "Seccomp")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        name, _, value = line.partition(":")
+        out[name] = value.strip()
+    return out
+
+
+def _identity(pid: int, status: dict[str, str]) -> dict[str, str]:
+    """What must be the same in the zygote and a start command for a fork to stand in."""
+    out = {name: status.get(name, "") for name in _SAME_STATUS}
+    for ns in _NAMESPACES:
+        try:
+            out[ns] = os.readlink(f"/proc/{pid}/ns/{ns}")
+        except OSError:
+            out[ns] = ""
+    try:
+        out["root"] = os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        out["root"] = ""
+    out["lsm"] = _read(f"/proc/{pid}/attr/current").strip("\0\n")
+    return out
+
+
+def _signal_set(mask_hex: str) -> set[int]:
+    try:
+        mask = int(mask_hex, 16)
+    except ValueError:
+        return set()
+    return {n + 1 for n in range(mask.bit_length()) if mask >> n & 1}
+
+
+class Refused(Exception):
+    pass
+
+
+class Zygote:
+    def __init__(self, path: str, lock_fd: int, idle: float) -> None:
+        import signal
+        import time
+
+        self.path = path
+        self.lock_fd = lock_fd
+        self.idle = idle
+        self.server: socket.socket | None = None
+        self.inode: tuple[int, int] | None = None
+        self.log_fd = -1
+        self.me = _identity(os.getpid(), _status(os.getpid()))
+        self.ignored: set[int] = set()
+        self.blocked = False
+        self.fd_ceiling = _fd_ceiling()
+        self._time = time
+        self._signal = signal
+
+    # best-effort log next to the socket; never stdout/stderr
+    def log(self, msg: str) -> None:
+        if self.log_fd < 0:
+            return
+        try:
+            if os.fstat(self.log_fd).st_size > 256 * 1024:
+                os.ftruncate(self.log_fd, 0)
+            stamp = self._time.strftime("%Y-%m-%dT%H:%M:%S", self._time.gmtime())
+            os.write(self.log_fd, f"{stamp}Z zygote[{os.getpid()}] {msg}\n".encode(errors="replace"))
+        except OSError:
+            pass
+
+    def bind(self) -> None:
+        try:
+            self.log_fd = os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError:
+            self.log_fd = -1
+        try:
+            os.unlink(self.path)  # a dead zygote's: a live one would hold the lock we hold
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            server.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        server.listen(128)
+        st = os.stat(self.path)
+        self.inode = (st.st_dev, st.st_ino)
+        self.server = server
+
+    def _still_ours(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.inode
+
+    def run(self) -> int:
+        assert self.server is not None
+        last = self._time.monotonic()
+        while True:
+            remaining = last + self.idle - self._time.monotonic()
+            if remaining <= 0:
+                self.retire("idle")
+                return 0
+            self.server.settimeout(min(remaining, CHECK_INTERVAL))
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                if not self._still_ours():
+                    self.log(f"socket {self.path} is no longer ours; exiting")
+                    self.server.close()
+                    return 0
+                continue
+            except OSError as exc:
+                self.log(f"accept: {exc}")
+                self._time.sleep(0.1)
+                continue
+            last = self._time.monotonic()
+            self.serve_one(conn)
+
+    def retire(self, why: str) -> None:
+        """Stop taking requests: unlink the socket, then answer what is already queued."""
+        assert self.server is not None
+        if self._still_ours():
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.server.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                break
+            conn.setblocking(True)
+            self.serve_one(conn)
+        self.server.close()
+        self.log(f"exiting ({why})")
+
+    def serve_one(self, conn: socket.socket) -> None:
+        t0 = self._time.perf_counter()
+        fds: list[int] = []
+        task = "?"
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_pid, peer_uid = int.from_bytes(raw[0:4], sys.byteorder), int.from_bytes(raw[4:8], sys.byteorder)
+            if peer_uid != os.getuid():
+                self.log(f"refused peer pid {peer_pid} uid {peer_uid}")
+                return
+            msg, ancdata, msg_flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += [int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
+            try:
+                if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise Refused("request truncated")
+                request = json.loads(msg)
+                if not isinstance(request, dict) or request.get("v") != PROTOCOL:
+                    raise Refused("unknown protocol")
+                task = str(request.get("flags", {}).get("id", "?"))
+                if len(fds) != 1:
+                    raise Refused(f"expected one fd, got {len(fds)}")
+                listener = socket.socket(fileno=fds.pop())
+                try:
+                    pid = self.fork_daemon(conn, listener, request, peer_pid)
+                finally:
+                    listener.close()
+                ms = (self._time.perf_counter() - t0) * 1000
+                self.log(f"id={task} start pid {peer_pid}: forked daemon {pid} in {ms:.1f} ms")
+            except (Refused, ValueError, TypeError, AttributeError, OSError) as exc:
+                self.log(f"id={task} start pid {peer_pid}: refused: {exc}")
+                try:
+                    conn.send(json.dumps({"error": str(exc)}).encode())
+                except OSError:
+                    pass
+        except OSError as exc:
+            self.log(f"request: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    def fork_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, peer_pid: int) -> int:
+        if listener.family != socket.AF_UNIX or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise Refused("the fd is not a listening unix socket")
+        for key, kind in (("flags", dict), ("env", dict), ("bundle", str)):
+            if not isinstance(request.get(key), kind):
+                raise Refused(f"bad {key}")
+        status = _status(peer_pid)
+        them = _identity(peer_pid, status)
+        if not status or them != self.me:
+            diff = sorted(k for k in self.me if them.get(k) != self.me[k])
+            raise Refused(f"start command differs from the zygote in {', '.join(diff) or 'everything'}")
+        pid = os.fork()
+        if pid == 0:
+            self.become_daemon(conn, listener, request, peer_pid, status)  # never returns
+        return pid
+
+    def reap(self, *_: object) -> None:
+        """SIGCHLD: collect exited daemons (our only children) so no zombie stays behind."""
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    # -- in the daemon child ---------------------------------------------------------------
+
+    def become_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, peer_pid: int,
+                      status: dict[str, str]) -> None:
+        code = 1
+        try:
+            try:
+                self.server.close()  # type: ignore[union-attr]
+                keep = sorted({0, 1, 2, conn.fileno(), listener.fileno()})
+                for lo, hi in zip(keep, [*keep[1:], self.fd_ceiling]):
+                    os.closerange(lo + 1, hi)  # the lock, the log, anything else of ours
+                os.setpgid(0, 0)  # own group, as start's fork does; not a session leader
+                self._signals(status)
+                _join_cgroups(peer_pid)
+                os.chdir(request["bundle"])
+                from shim.cli import Flags
+
+                known = set(_flag_values(Flags()))
+                flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
+                env = {str(k): str(v) for k, v in request["env"].items()}
+            except BaseException as exc:
+                conn.send(json.dumps({"error": f"daemon set-up: {exc!r}"}).encode())
+                raise
+            conn.send(json.dumps({"pid": os.getpid()}).encode())
+            conn.settimeout(GO_TIMEOUT)
+            if conn.recv(16) != b"go":
+                return
+            conn.close()
+            # The rest overlaps with containerd's work between start's exit and its Create.
+            os.environ.clear()
+            os.environ.update(env)
+            _copy_process_settings(peer_pid, status)
+            _set_proc_strings(peer_pid, env)
+            from shim.daemon import serve
+
+            code = serve(flags, listener)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+
+    def note_signals(self) -> None:
+        """Remember our own dispositions, so a daemon child changes only what differs."""
+        self.ignored = _signal_set(_status(os.getpid()).get("SigIgn", "0"))
+        self.blocked = bool(self._signal.pthread_sigmask(self._signal.SIG_BLOCK, []))
+
+    def _signals(self, status: dict[str, str]) -> None:
+        """The start command's signal dispositions (ignored, or default; SIGINT as Python sets
+        it) and mask: what a daemon forked by the start command itself would have."""
+        signal = self._signal
+        ignored = _signal_set(status.get("SigIgn", "0"))
+        for sig in sorted((ignored ^ self.ignored) | {signal.SIGINT, signal.SIGCHLD}):
+            if sig in ignored:
+                handler = signal.SIG_IGN
+            elif sig == signal.SIGINT:
+                handler = signal.default_int_handler
+            else:
+                handler = signal.SIG_DFL
+            try:
+                signal.signal(sig, handler)
+            except (OSError, ValueError, RuntimeError):
+                pass  # SIGKILL/SIGSTOP, glibc's internal 32 and 33
+        blocked = _signal_set(status.get("SigBlk", "0")) & signal.valid_signals()
+        if blocked or self.blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _cgroup_lines(pid: int | str) -> dict[str, str]:
+    """hierarchy (v1 controllers such as "cpu,cpuacct" or "name=systemd"; "" for v2) -> path"""
+    out = {}
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out[parts[1]] = parts[2]
+    return out
+
+
+def _unescape(path: str) -> str:
+    if "\\" not in path:
+        return path
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def _cgroup_mounts() -> list[tuple[str, set[str], str, str]]:
+    """(fstype, super options, root, mount point) of every cgroup/cgroup2 mount we see."""
+    out = []
+    for line in _read("/proc/self/mountinfo").splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        out.append((rfields[0], set(rfields[2].split(",")), _unescape(fields[3]), _unescape(fields[4])))
+    return out
+
+
+def _join_cgroups(peer_pid: int) -> None:
+    """Move this process into every cgroup of peer_pid that it is not in yet (v1 and v2)."""
+    want = _cgroup_lines(peer_pid)
+    have = _cgroup_lines("self")
+    todo = {h: p for h, p in want.items() if have.get(h) != p}
+    if not todo:
+        return
+    mounts = _cgroup_mounts()
+    me = str(os.getpid())
+    for hierarchy, path in todo.items():
+        if hierarchy == "":
+            candidates = [m for m in mounts if m[0] == "cgroup2"]
+        else:
+            need = set(hierarchy.split(","))
+            candidates = [m for m in mounts if m[0] == "cgroup" and need <= m[1]]
+        target = None
+        for _fs, _opts, root, mountpoint in candidates:
+            root = root.rstrip("/")
+            if path == root or path.startswith(root + "/") or root == "":
+                target = os.path.join(mountpoint, path[len(root):].lstrip("/"), "cgroup.procs")
+                break
+        if target is None:
+            if not candidates:
+                continue  # a hierarchy nobody mounted here: nothing manages it
+            raise OSError(f"cgroup {hierarchy}:{path} is not under any of its mounts")
+        with open(target, "w") as f:
+            f.write(me)
+
+
+def _copy_process_settings(peer_pid: int, status: dict[str, str]) -> None:
+    """umask, rlimits, CPU affinity, nice and oom_score_adj of the start command (best effort
+    where lowering a limit or a score needs a privilege we may not have)."""
+    import resource
+
+    umask = status.get("Umask")
+    if umask:
+        os.umask(int(umask, 8))
+    for name in dir(resource):
+        if not name.startswith("RLIMIT_"):
+            continue
+        which = getattr(resource, name)
+        try:
+            limit = resource.prlimit(peer_pid, which)
+            if resource.getrlimit(which) != limit:
+                resource.setrlimit(which, limit)
+        except (OSError, ValueError):
+            pass
+    try:
+        cpus = os.sched_getaffinity(peer_pid)
+        if cpus != os.sched_getaffinity(0):
+            os.sched_setaffinity(0, cpus)
+    except OSError:
+        pass
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, peer_pid)
+        if nice != os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass
+    score = _read(f"/proc/{peer_pid}/oom_score_adj").strip()
+    if score and score != _read("/proc/self/oom_score_adj").strip():
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(score)
+        except OSError:
+            pass
+
+
+def _fd_ceiling() -> int:
+    """Above any fd this process can have (fs.nr_open caps every RLIMIT_NOFILE)."""
+    try:
+        return int(_read("/proc/sys/fs/nr_open")) + 1
+    except ValueError:
+        return max(1 << 20, os.sysconf("SC_OPEN_MAX"))
+
+
+def _proc_areas() -> tuple[int, int, int, int]:
+    """arg_start, arg_end, env_start, env_end of this process (fields 48-51 of stat)."""
+    fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()
+    return int(fields[45]), int(fields[46]), int(fields[47]), int(fields[48])
+
+
+def _fill(start: int, end: int, items: list[bytes], whole: bool) -> None:
+    """Write NUL-terminated items over [start, end), NUL-padded. /proc/<pid>/cmdline and
+    environ show that memory (a NUL last byte keeps the kernel from reading past `end`)."""
+    import ctypes
+
+    size = end - start
+    if size <= 0:
+        return
+    data = b""
+    for item in items:
+        chunk = item.replace(b"\0", b"") + b"\0"
+        if len(data) + len(chunk) > size:
+            if not whole:
+                data = (data + chunk)[: size - 1] + b"\0"
+            break
+        data += chunk
+    ctypes.memmove(start, data.ljust(size, b"\0"), size)
+
+
+def _set_proc_strings(peer_pid: int, env: dict[str, str]) -> None:
+    """Show the start command's command line and name, and our environment, in /proc."""
+    try:
+        arg_start, arg_end, env_start, env_end = _proc_areas()
+        with open(f"/proc/{peer_pid}/cmdline", "rb") as f:
+            argv = [a for a in f.read().split(b"\0") if a]
+        comm = _read(f"/proc/{peer_pid}/comm").strip()
+        if argv:
+            _fill(arg_start, arg_end, argv, whole=False)
+        _fill(env_start, env_end, [os.fsencode(f"{k}={v}") for k, v in env.items()], whole=True)
+        if comm:
+            _set_comm(comm)
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+def _set_comm(name: str) -> None:
+    import ctypes
+
+    PR_SET_NAME = 15
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(os.fsencode(name)[:15]), 0, 0, 0)
+
+
+def _warm_messages() -> int:
+    """Build betterproto2's lazy per-class metadata now, once, instead of in every daemon."""
+    try:
+        import betterproto2
+    except ImportError:
+        return 0
+    n = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("shim.api") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and issubclass(value, betterproto2.Message) and value.__module__ == name:
+                try:
+                    value._betterproto  # noqa: B018 (the classproperty fills the cache)
+                    n += 1
+                except Exception:
+                    pass
+    return n
+
+
+def main(args: list[str]) -> int:
+    """The zygote process: args are the socket path, the locked fd, the package root."""
+    import gc
+    import signal
+    import time
+
+    t0 = time.perf_counter()
+    path, lock_fd = args[0], int(args[1])
+    for sig in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    os.chdir("/")
+    env = {k: v for k, v in os.environ.items() if k != _PAD_VAR}
+    os.environ.clear()  # C's environ no longer points into the area we rewrite below
+    os.environ.update(env)
+    # nothing but our stdio (/dev/null) and the lock, whatever the start command inherited
+    os.closerange(3, lock_fd)
+    os.closerange(lock_fd + 1, _fd_ceiling())
+    os.set_inheritable(lock_fd, False)
+    gc.disable()
+    missing = []
+    for module in PRELOAD:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    warmed = _warm_messages()
+    gc.collect()
+    gc.freeze()  # the daemons' collections never touch (and so never copy) what we imported
+    gc.enable()
+    try:
+        idle = float(os.environ.get("PYSHIM_ZYGOTE_IDLE", DEFAULT_IDLE))
+    except ValueError:
+        idle = DEFAULT_IDLE
+    zygote = Zygote(path, lock_fd, idle)
+    try:
+        arg_start, arg_end, env_start, env_end = _proc_areas()
+        _fill(arg_start, arg_end, [b"pyshim-zygote", os.fsencode(path)], whole=False)
+        _fill(env_start, env_end, [os.fsencode(f"{k}={v}") for k, v in os.environ.items()], whole=True)
+        _set_comm("pyshim-zygote")
+    except (OSError, ValueError, IndexError):
+        pass
+    signal.signal(signal.SIGCHLD, zygote.reap)
+    zygote.note_signals()
+    zygote.bind()
+    zygote.log(f"serving {path} (pyshim {__version__}, {sys.executable}); ready in "
+               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {warmed} message classes warmed, idle exit "
+               f"after {idle:g} s" + (f"; not importable: {', '.join(missing)}" if missing else ""))
+    return zygote.run()
