@@ -474,6 +474,8 @@ class Zygote:
                 known = set(_flag_values(Flags()))
                 flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
                 env = {str(k): str(v) for k, v in request["env"].items()}
+                # read now: once it has our pid, start exits (and its pid may be reused)
+                settings = _peer_settings(peer_pid, status)
             except BaseException as exc:
                 conn.send(json.dumps({"error": f"daemon set-up: {exc!r}"}).encode())
                 raise
@@ -485,8 +487,8 @@ class Zygote:
             # The rest overlaps with containerd's work between start's exit and its Create.
             os.environ.clear()
             os.environ.update(env)
-            _copy_process_settings(peer_pid, status)
-            _set_proc_strings(peer_pid, env)
+            _apply_settings(settings)
+            _set_proc_strings(settings["argv"], settings["comm"], env)
             from shim.daemon import serve
 
             code = serve(flags, listener)
@@ -582,37 +584,61 @@ def _join_cgroups(peer_pid: int) -> None:
             f.write(me)
 
 
-def _copy_process_settings(peer_pid: int, status: dict[str, str]) -> None:
-    """umask, rlimits, CPU affinity, nice and oom_score_adj of the start command (best effort
-    where lowering a limit or a score needs a privilege we may not have)."""
+def _peer_settings(peer_pid: int, status: dict[str, str]) -> dict:
+    """What else the start command would have passed on to a daemon it forked: umask,
+    rlimits, CPU affinity, nice value, oom_score_adj, command line and name."""
     import resource
 
-    umask = status.get("Umask")
-    if umask:
-        os.umask(int(umask, 8))
+    out: dict = {"umask": status.get("Umask", ""), "rlimits": {}, "cpus": None, "nice": None}
     for name in dir(resource):
-        if not name.startswith("RLIMIT_"):
-            continue
-        which = getattr(resource, name)
+        if name.startswith("RLIMIT_"):
+            which = getattr(resource, name)
+            try:
+                out["rlimits"][which] = resource.prlimit(peer_pid, which)
+            except (OSError, ValueError):
+                pass
+    try:
+        out["cpus"] = os.sched_getaffinity(peer_pid)
+    except OSError:
+        pass
+    try:
+        out["nice"] = os.getpriority(os.PRIO_PROCESS, peer_pid)
+    except OSError:
+        pass
+    out["oom_score_adj"] = _read(f"/proc/{peer_pid}/oom_score_adj").strip()
+    try:
+        with open(f"/proc/{peer_pid}/cmdline", "rb") as f:
+            out["argv"] = [a for a in f.read().split(b"\0") if a]
+    except OSError:
+        out["argv"] = []
+    out["comm"] = _read(f"/proc/{peer_pid}/comm").strip()
+    return out
+
+
+def _apply_settings(settings: dict) -> None:
+    """Take on `_peer_settings` (best effort where raising a limit or lowering a score or a
+    nice value needs a privilege we may not have)."""
+    import resource
+
+    if settings["umask"]:
+        os.umask(int(settings["umask"], 8))
+    for which, limit in settings["rlimits"].items():
         try:
-            limit = resource.prlimit(peer_pid, which)
             if resource.getrlimit(which) != limit:
                 resource.setrlimit(which, limit)
         except (OSError, ValueError):
             pass
     try:
-        cpus = os.sched_getaffinity(peer_pid)
-        if cpus != os.sched_getaffinity(0):
-            os.sched_setaffinity(0, cpus)
+        if settings["cpus"] and settings["cpus"] != os.sched_getaffinity(0):
+            os.sched_setaffinity(0, settings["cpus"])
     except OSError:
         pass
     try:
-        nice = os.getpriority(os.PRIO_PROCESS, peer_pid)
-        if nice != os.getpriority(os.PRIO_PROCESS, 0):
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if settings["nice"] is not None and settings["nice"] != os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, settings["nice"])
     except OSError:
         pass
-    score = _read(f"/proc/{peer_pid}/oom_score_adj").strip()
+    score = settings["oom_score_adj"]
     if score and score != _read("/proc/self/oom_score_adj").strip():
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
@@ -654,13 +680,10 @@ def _fill(start: int, end: int, items: list[bytes], whole: bool) -> None:
     ctypes.memmove(start, data.ljust(size, b"\0"), size)
 
 
-def _set_proc_strings(peer_pid: int, env: dict[str, str]) -> None:
+def _set_proc_strings(argv: list[bytes], comm: str, env: dict[str, str]) -> None:
     """Show the start command's command line and name, and our environment, in /proc."""
     try:
         arg_start, arg_end, env_start, env_end = _proc_areas()
-        with open(f"/proc/{peer_pid}/cmdline", "rb") as f:
-            argv = [a for a in f.read().split(b"\0") if a]
-        comm = _read(f"/proc/{peer_pid}/comm").strip()
         if argv:
             _fill(arg_start, arg_end, argv, whole=False)
         _fill(env_start, env_end, [os.fsencode(f"{k}={v}") for k, v in env.items()], whole=True)

@@ -40,6 +40,11 @@ if args.get("start_only"):
 for procs in args.get("cgroups", []):
     with open(procs, "w") as f:
         f.write(str(os.getpid()))
+if args.get("settings"):  # what a daemon must take on from its start command
+    import resource
+    os.nice(3)
+    os.umask(0o027)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4321, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 path = args["address"]
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
@@ -49,6 +54,8 @@ flags = Flags(namespace="unit", id=args["id"], address="/run/nowhere/containerd.
 pid = zygote.spawn_daemon(flags, listener, args["bundle"], directory=args["dir"])
 print(json.dumps({"pid": pid, "error": zygote.last_error, "cgroup": open("/proc/self/cgroup").read(),
                   "cmdline": open("/proc/self/cmdline", "rb").read().decode(), "comm": open("/proc/self/comm").read()}))
+sys.stdout.flush()
+os._exit(0)  # as start does: the daemon must not need us once it has its "go"
 """
 
 
@@ -239,7 +246,7 @@ def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
         address = os.path.join(env.dir, "shim.sock")
         start_env = {**env.env, "TTRPC_ADDRESS": os.path.join(env.dir, "nobody.ttrpc"), "START_MARK": task_id}
         started = time.perf_counter()
-        got = env.run_helper({"id": task_id, "address": address, "bundle": bundle,
+        got = env.run_helper({"id": task_id, "address": address, "bundle": bundle, "settings": True,
                               "cgroups": [procs for procs, _, _ in cgroups]}, start_env)
         took = time.perf_counter() - started
         pid = got["pid"]
@@ -273,8 +280,12 @@ def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
         fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert not fds & {env.path + ".lock", env.path + ".log"}
         with open(f"/proc/{pid}/status") as f:
-            status = dict(line.split(":", 1) for line in f.read().splitlines())
+            status = {k: v.strip() for k, v in (line.split(":", 1) for line in f.read().splitlines())}
         assert int(status["SigBlk"], 16) == 0
+        assert status["Umask"] == "0027"
+        assert int(stat[16]) == 3  # nice
+        with open(f"/proc/{pid}/limits") as f:
+            assert [line.split()[3] for line in f if line.startswith("Max open files")] == ["4321"]
 
         async def shutdown() -> None:
             async with await Client.connect("unix://" + address) as client:
