@@ -434,14 +434,39 @@ class Zygote:
         for key, kind in (("flags", dict), ("env", dict), ("bundle", str)):
             if not isinstance(request.get(key), kind):
                 raise Refused(f"bad {key}")
+        if not os.path.isdir(request["bundle"]):
+            raise Refused(f"no bundle directory {request['bundle']!r}")
         status = _status(peer_pid)
         them = _identity(peer_pid, status)
         if not status or them != self.me:
             diff = sorted(k for k in self.me if them.get(k) != self.me[k])
             raise Refused(f"start command differs from the zygote in {', '.join(diff) or 'everything'}")
+        # Read all of start's state now: once it has the pid, start exits (its pid may be reused).
+        cgroups = _cgroup_targets(peer_pid)
+        settings = _peer_settings(peer_pid, status)
         pid = os.fork()
         if pid == 0:
-            self.become_daemon(conn, listener, request, peer_pid, status)  # never returns
+            self.become_daemon(conn, listener, request, status, settings)  # never returns
+        # Done here, before start learns the pid, so that neither can fail after start has
+        # committed to this daemon, nor undo start's own oom_score_adj for it.
+        try:
+            for procs in cgroups:
+                with open(procs, "w") as f:
+                    f.write(str(pid))
+        except OSError as exc:
+            os.kill(pid, self._signal.SIGKILL)
+            raise Refused(f"cannot move the daemon into start's cgroups: {exc}") from exc
+        score = settings["oom_score_adj"]
+        if score and score != _read("/proc/self/oom_score_adj").strip():
+            try:
+                with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+                    f.write(score)
+            except OSError as exc:  # lowering needs CAP_SYS_RESOURCE: the daemon keeps ours
+                self.log(f"daemon {pid}: oom_score_adj {score}: {exc}")
+        try:
+            conn.send(json.dumps({"pid": pid}).encode())
+        except OSError:
+            pass  # start gave up: the daemon sees no "go" and exits
         return pid
 
     def reap(self, *_: object) -> None:
@@ -456,35 +481,26 @@ class Zygote:
 
     # -- in the daemon child ---------------------------------------------------------------
 
-    def become_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, peer_pid: int,
-                      status: dict[str, str]) -> None:
+    def become_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, status: dict[str, str],
+                      settings: dict) -> None:
         code = 1
         try:
-            try:
-                self.server.close()  # type: ignore[union-attr]
-                keep = sorted({0, 1, 2, conn.fileno(), listener.fileno()})
-                for lo, hi in zip(keep, [*keep[1:], self.fd_ceiling]):
-                    os.closerange(lo + 1, hi)  # the lock, the log, anything else of ours
-                os.setpgid(0, 0)  # own group, as start's fork does; not a session leader
-                self._signals(status)
-                _join_cgroups(peer_pid)
-                os.chdir(request["bundle"])
-                from shim.cli import Flags
+            self.server.close()  # type: ignore[union-attr]
+            keep = sorted({0, 1, 2, conn.fileno(), listener.fileno()})
+            for lo, hi in zip(keep, [*keep[1:], self.fd_ceiling]):
+                os.closerange(lo + 1, hi)  # the lock, the log, anything else of ours
+            os.setpgid(0, 0)  # own group, as start's fork does; not a session leader
+            self._signals(status)
+            from shim.cli import Flags
 
-                known = set(_flag_values(Flags()))
-                flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
-                env = {str(k): str(v) for k, v in request["env"].items()}
-                # read now: once it has our pid, start exits (and its pid may be reused)
-                settings = _peer_settings(peer_pid, status)
-            except BaseException as exc:
-                conn.send(json.dumps({"error": f"daemon set-up: {exc!r}"}).encode())
-                raise
-            conn.send(json.dumps({"pid": os.getpid()}).encode())
+            known = set(_flag_values(Flags()))
+            flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
+            env = {str(k): str(v) for k, v in request["env"].items()}
             conn.settimeout(GO_TIMEOUT)
             if conn.recv(16) != b"go":
-                return
+                return  # start gave up on us and forks its own daemon: never serve
             conn.close()
-            # The rest overlaps with containerd's work between start's exit and its Create.
+            os.chdir(request["bundle"])
             os.environ.clear()
             os.environ.update(env)
             _apply_settings(settings)
@@ -555,15 +571,16 @@ def _cgroup_mounts() -> list[tuple[str, set[str], str, str]]:
     return out
 
 
-def _join_cgroups(peer_pid: int) -> None:
-    """Move this process into every cgroup of peer_pid that it is not in yet (v1 and v2)."""
+def _cgroup_targets(peer_pid: int) -> list[str]:
+    """The cgroup.procs files that put a child of ours into peer_pid's cgroups, for every
+    hierarchy (v1 and v2) where those differ from ours."""
     want = _cgroup_lines(peer_pid)
     have = _cgroup_lines("self")
     todo = {h: p for h, p in want.items() if have.get(h) != p}
     if not todo:
-        return
+        return []
     mounts = _cgroup_mounts()
-    me = str(os.getpid())
+    targets = []
     for hierarchy, path in todo.items():
         if hierarchy == "":
             candidates = [m for m in mounts if m[0] == "cgroup2"]
@@ -579,9 +596,9 @@ def _join_cgroups(peer_pid: int) -> None:
         if target is None:
             if not candidates:
                 continue  # a hierarchy nobody mounted here: nothing manages it
-            raise OSError(f"cgroup {hierarchy}:{path} is not under any of its mounts")
-        with open(target, "w") as f:
-            f.write(me)
+            raise Refused(f"cgroup {hierarchy}:{path} is not under any of its mounts")
+        targets.append(target)
+    return targets
 
 
 def _peer_settings(peer_pid: int, status: dict[str, str]) -> dict:
@@ -616,8 +633,8 @@ def _peer_settings(peer_pid: int, status: dict[str, str]) -> dict:
 
 
 def _apply_settings(settings: dict) -> None:
-    """Take on `_peer_settings` (best effort where raising a limit or lowering a score or a
-    nice value needs a privilege we may not have)."""
+    """Take on `_peer_settings` but oom_score_adj, which the zygote sets (best effort where
+    raising a limit or lowering a nice value needs a privilege we may not have)."""
     import resource
 
     if settings["umask"]:
@@ -638,14 +655,6 @@ def _apply_settings(settings: dict) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, settings["nice"])
     except OSError:
         pass
-    score = settings["oom_score_adj"]
-    if score and score != _read("/proc/self/oom_score_adj").strip():
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(score)
-        except OSError:
-            pass
-
 
 def _fd_ceiling() -> int:
     """Above any fd this process can have (fs.nr_open caps every RLIMIT_NOFILE)."""

@@ -45,6 +45,8 @@ if args.get("settings"):  # what a daemon must take on from its start command
     os.nice(3)
     os.umask(0o027)
     resource.setrlimit(resource.RLIMIT_NOFILE, (4321, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("500")  # raising needs no privilege
 path = args["address"]
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(path)
@@ -52,6 +54,9 @@ listener.listen(16)
 flags = Flags(namespace="unit", id=args["id"], address="/run/nowhere/containerd.sock",
               publish_binary="containerd", action="start")
 pid = zygote.spawn_daemon(flags, listener, args["bundle"], directory=args["dir"])
+if pid and args.get("settings"):  # as start's adjust_oom_score does, at once
+    with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+        f.write("501")
 print(json.dumps({"pid": pid, "error": zygote.last_error, "cgroup": open("/proc/self/cgroup").read(),
                   "cmdline": open("/proc/self/cmdline", "rb").read().decode(), "comm": open("/proc/self/comm").read()}))
 sys.stdout.flush()
@@ -286,6 +291,8 @@ def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
         assert int(stat[16]) == 3  # nice
         with open(f"/proc/{pid}/limits") as f:
             assert [line.split()[3] for line in f if line.startswith("Max open files")] == ["4321"]
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            assert f.read().strip() == "501"  # start's own adjustment is not undone
 
         async def shutdown() -> None:
             async with await Client.connect("unix://" + address) as client:
