@@ -28,8 +28,9 @@ The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root>``):
   stays behind; a daemon outliving the zygote is reparented like a start-forked one (whose
   parent, start, exits at once);
 * it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
-  ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600) or when its socket file is
-  no longer its own, and writes a small best-effort log next to its socket (``.log``).
+  ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600), on SIGTERM (removing its
+  socket) or when its socket file is no longer its own, and writes a small best-effort log
+  next to its socket (``.log``).
 
 The daemon child becomes what a start-forked daemon would have been: own process group (not
 a session leader), the start command's signal dispositions and mask, cgroups (v1 and v2),
@@ -283,6 +284,10 @@ class Refused(Exception):
     pass
 
 
+class _Stop(Exception):
+    pass
+
+
 class Zygote:
     def __init__(self, path: str, lock_fd: int, idle: float) -> None:
         import signal
@@ -298,6 +303,8 @@ class Zygote:
         self.ignored: set[int] = set()
         self.blocked = False
         self.fd_ceiling = _fd_ceiling()
+        self.accepting = False
+        self.stopping = False
         self._time = time
         self._signal = signal
 
@@ -341,17 +348,28 @@ class Zygote:
             return False
         return (st.st_dev, st.st_ino) == self.inode
 
+    def on_sigterm(self, *_: object) -> None:
+        self.stopping = True
+        if self.accepting:
+            raise _Stop
+
     def run(self) -> int:
         assert self.server is not None
         last = self._time.monotonic()
         while True:
             remaining = last + self.idle - self._time.monotonic()
-            if remaining <= 0:
-                self.retire("idle")
+            if self.stopping or remaining <= 0:
+                self.retire("SIGTERM" if self.stopping else "idle", drain=not self.stopping)
                 return 0
             self.server.settimeout(min(remaining, CHECK_INTERVAL))
             try:
-                conn, _ = self.server.accept()
+                self.accepting = True
+                try:
+                    conn, _ = self.server.accept()
+                finally:
+                    self.accepting = False
+            except _Stop:
+                continue
             except TimeoutError:
                 if not self._still_ours():
                     self.log(f"socket {self.path} is no longer ours; exiting")
@@ -365,8 +383,9 @@ class Zygote:
             last = self._time.monotonic()
             self.serve_one(conn)
 
-    def retire(self, why: str) -> None:
-        """Stop taking requests: unlink the socket, then answer what is already queued."""
+    def retire(self, why: str, drain: bool = True) -> None:
+        """Stop taking requests: unlink the socket, then answer what is already queued (or
+        close it: those starts fall back)."""
         assert self.server is not None
         if self._still_ours():
             try:
@@ -374,7 +393,7 @@ class Zygote:
             except OSError:
                 pass
         self.server.setblocking(False)
-        while True:
+        while drain:
             try:
                 conn, _ = self.server.accept()
             except OSError:
@@ -523,7 +542,7 @@ class Zygote:
         it) and mask: what a daemon forked by the start command itself would have."""
         signal = self._signal
         ignored = _signal_set(status.get("SigIgn", "0"))
-        for sig in sorted((ignored ^ self.ignored) | {signal.SIGINT, signal.SIGCHLD}):
+        for sig in sorted((ignored ^ self.ignored) | {signal.SIGINT, signal.SIGCHLD, signal.SIGTERM}):
             if sig in ignored:
                 handler = signal.SIG_IGN
             elif sig == signal.SIGINT:
@@ -772,6 +791,7 @@ def main(args: list[str]) -> int:
     except (OSError, ValueError, IndexError):
         pass
     signal.signal(signal.SIGCHLD, zygote.reap)
+    signal.signal(signal.SIGTERM, zygote.on_sigterm)
     zygote.note_signals()
     zygote.bind()
     zygote.log(f"serving {path} (pyshim {__version__}, {sys.executable}); ready in "

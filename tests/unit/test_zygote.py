@@ -455,3 +455,34 @@ def _remove_cgroups(cgroups: list[tuple[str, str, str]]) -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+@root_only
+def test_sigterm_stops_the_zygote_not_its_daemons(env):
+    from shim.api.containerd.task import v2 as task
+    from shim.api.google.protobuf import Empty
+    from shim.ttrpc import Client
+
+    zpid = env.start_zygote()
+    bundle = env.bundle()
+    log_reader = os.open(os.path.join(bundle, "log"), os.O_RDONLY | os.O_NONBLOCK)
+    address = os.path.join(env.dir, "shim.sock")
+    got = env.run_helper({"id": "survivor", "address": address, "bundle": bundle})
+    pid = got["pid"]
+    assert pid, got["error"]
+    env.daemons.append(pid)
+    os.kill(zpid, signal.SIGTERM)
+    _wait(lambda: (_stat(zpid) or ["Z"])[0] == "Z", 10, "the zygote to exit")
+    assert not os.path.exists(env.path)
+
+    async def talk() -> int:
+        async with await Client.connect("unix://" + address) as client:
+            reply = await client.call("containerd.task.v3.Task", "Connect", task.ConnectRequest(id="survivor"),
+                                      task.ConnectResponse, timeout=10)
+            await client.call("containerd.task.v2.Task", "Shutdown", task.ShutdownRequest(id="survivor"), Empty,
+                              timeout=10)
+            return reply.shim_pid
+
+    assert asyncio.run(talk()) == pid
+    _wait(lambda: _gone(pid), 15, "the orphaned daemon to exit and be reaped")
+    os.close(log_reader)
