@@ -29,8 +29,9 @@ The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root>``):
   parent, start, exits at once);
 * it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
   ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600), on SIGTERM (removing its
-  socket) or when its socket file is no longer its own, and writes a small best-effort log
-  next to its socket (``.log``).
+  socket) or when its socket file is no longer its own, and appends a small best-effort log
+  to its lock file (``<socket>.lock``: the time of the last start attempt, then the log of
+  the zygote that attempt started), so one installation leaves one small file behind.
 
 The daemon child becomes what a start-forked daemon would have been: own process group (not
 a session leader), the start command's signal dispositions and mask, cgroups (v1 and v2),
@@ -189,7 +190,7 @@ def start_zygote(path: str) -> bool:
         # dies at once) is retried every RESPAWN_DELAY seconds, not at every container start.
         now = time.time()
         try:
-            last = float(os.pread(lock, 64, 0) or b"0")
+            last = float(os.pread(lock, 64, 0).split(b"\n", 1)[0] or b"0")
         except ValueError:
             last = 0.0
         if 0 <= now - last < RESPAWN_DELAY:
@@ -299,6 +300,7 @@ class Zygote:
         self.server: socket.socket | None = None
         self.inode: tuple[int, int] | None = None
         self.log_fd = -1
+        self.log_keep = 0
         self.me = _identity(os.getpid(), _status(os.getpid()))
         self.ignored: set[int] = set()
         self.blocked = False
@@ -314,7 +316,7 @@ class Zygote:
             return
         try:
             if os.fstat(self.log_fd).st_size > 256 * 1024:
-                os.ftruncate(self.log_fd, 0)
+                os.ftruncate(self.log_fd, self.log_keep)  # keep the attempt's time
             stamp = self._time.strftime("%Y-%m-%dT%H:%M:%S", self._time.gmtime())
             os.write(self.log_fd, f"{stamp}Z zygote[{os.getpid()}] {msg}\n".encode(errors="replace"))
         except OSError:
@@ -322,9 +324,11 @@ class Zygote:
 
     def bind(self) -> None:
         try:
-            self.log_fd = os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self.log_fd = os.open(self.path + ".lock", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self.log_keep = os.fstat(self.log_fd).st_size
         except OSError:
             self.log_fd = -1
+        self.log_keep = 0
         try:
             os.unlink(self.path)  # a dead zygote's: a live one would hold the lock we hold
         except FileNotFoundError:
@@ -520,6 +524,8 @@ class Zygote:
                 return  # start gave up on us and forks its own daemon: never serve
             conn.close()
             os.chdir(request["bundle"])
+            if settings["argv"][1:]:
+                sys.argv = [os.fsdecode(a) for a in settings["argv"][1:]]  # as start's, if run as a script
             os.environ.clear()
             os.environ.update(env)
             _apply_settings(settings)
