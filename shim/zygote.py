@@ -99,12 +99,25 @@ def _flag_values(flags) -> dict:
 
 
 def installation_key() -> str:
+    """What a zygote's code depends on: the interpreter (path and file), the shim package
+    (path, version, every .py file's inode, size, mtime and ctime), the directories on
+    sys.path but the first (their inode and mtime change when pip or dpkg add, remove or
+    replace what they hold: betterproto2, the stdlib), uid and the PYTHON* environment.
+    ~0.5 ms."""
     package = os.path.dirname(os.path.abspath(__file__))
     h = _sha256()
     for part in (sys.executable, package, __version__, str(os.getuid())):
         h.update(os.fsencode(part) + b"\0")
     for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
         h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
+    # sys.path[0] is start's script directory or cwd (python -m/-c: the bundle!), which the
+    # zygote does not import from (it runs with -P)
+    for path in (sys.executable, *sys.path[1:]):
+        try:
+            st = os.stat(path)
+            h.update(os.fsencode(f"{path}\0{st.st_ino}\0{st.st_mtime_ns}\n"))
+        except OSError:
+            pass
     files = []
     stack = [package]
     while stack:
@@ -112,7 +125,7 @@ def installation_key() -> str:
             for entry in entries:
                 if entry.name.endswith(".py"):
                     st = entry.stat()
-                    files.append(f"{entry.path}\0{st.st_mtime_ns}\0{st.st_size}")
+                    files.append(f"{entry.path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}")
                 elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
     for line in sorted(files):

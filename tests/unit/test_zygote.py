@@ -184,6 +184,20 @@ def test_installation_key_follows_version_and_python_environment(monkeypatch):
     assert len(zygote.socket_path("/run/containerd/s")) < 108
 
 
+def test_installation_key_follows_dependencies_not_the_bundle(monkeypatch, tmp_path):
+    key = zygote.installation_key()
+    # sys.path[0] is start's cwd under `python -m` (the bundle): it must not matter
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "bundle"), *sys.path[1:]])
+    assert zygote.installation_key() == key
+    # a pip install or upgrade adds or replaces entries of a sys.path directory
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    key = zygote.installation_key()
+    os.utime(site, ns=(0, 10**18))
+    assert zygote.installation_key() != key
+
+
 def test_no_zygote_starts_one_and_falls_back(env, monkeypatch):
     monkeypatch.setenv("PYSHIM_ZYGOTE_IDLE", "60")
     a, b = socket.socketpair()
