@@ -100,21 +100,27 @@ def _flag_values(flags) -> dict:
 
 def installation_key() -> str:
     """What a zygote's code depends on: the interpreter (path and file), the shim package
-    (path, version, every .py file's inode, size, mtime and ctime), the directories on
-    sys.path but the first (their inode and mtime change when pip or dpkg add, remove or
+    (path, version, every .py file's inode, size, mtime and ctime), the stdlib and
+    site-packages directories (their inode and mtime change when pip or dpkg add, remove or
     replace what they hold: betterproto2, the stdlib), uid and the PYTHON* environment.
-    ~0.5 ms."""
+    Not sys.path as such: how a process was started changes it (python -m puts the cwd, the
+    bundle, first). ~0.5 ms."""
+    import site
+
     package = os.path.dirname(os.path.abspath(__file__))
     h = _sha256()
     for part in (sys.executable, package, __version__, str(os.getuid())):
         h.update(os.fsencode(part) + b"\0")
     for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
         h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
-    # sys.path[0] is start's script directory or cwd (python -m/-c: the bundle!), which the
-    # zygote does not import from (it runs with -P)
-    for path in (sys.executable, *sys.path[1:]):
+    stdlib = os.path.dirname(os.__file__)
+    try:
+        sites = [*site.getsitepackages(), site.getusersitepackages()]
+    except AttributeError:  # a virtualenv-made site module
+        sites = []
+    for path in (sys.executable, stdlib, os.path.join(stdlib, "lib-dynload"), *sites):
         try:
-            st = os.stat(path)
+            st = os.stat(path)  # the interpreter through the venv's symlink
             h.update(os.fsencode(f"{path}\0{st.st_ino}\0{st.st_mtime_ns}\n"))
         except OSError:
             pass

@@ -185,16 +185,18 @@ def test_installation_key_follows_version_and_python_environment(monkeypatch):
 
 
 def test_installation_key_follows_dependencies_not_the_bundle(monkeypatch, tmp_path):
+    import site
+
     key = zygote.installation_key()
     # sys.path[0] is start's cwd under `python -m` (the bundle): it must not matter
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "bundle"), *sys.path[1:]])
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "bundle"), *sys.path])
     assert zygote.installation_key() == key
-    # a pip install or upgrade adds or replaces entries of a sys.path directory
-    site = tmp_path / "site-packages"
-    site.mkdir()
-    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    # a pip install or upgrade adds or replaces entries of site-packages
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(packages)])
     key = zygote.installation_key()
-    os.utime(site, ns=(0, 10**18))
+    os.utime(packages, ns=(0, 10**18))
     assert zygote.installation_key() != key
 
 
