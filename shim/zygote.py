@@ -329,7 +329,7 @@ class Zygote:
         self._time = time
         self._signal = signal
 
-    # best-effort log next to the socket; never stdout/stderr
+    # best-effort log, appended to the lock file; never stdout/stderr
     def log(self, msg: str) -> None:
         if self.log_fd < 0:
             return
@@ -347,7 +347,6 @@ class Zygote:
             self.log_keep = os.fstat(self.log_fd).st_size
         except OSError:
             self.log_fd = -1
-        self.log_keep = 0
         try:
             os.unlink(self.path)  # a dead zygote's: a live one would hold the lock we hold
         except FileNotFoundError:
