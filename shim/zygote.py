@@ -495,7 +495,10 @@ class Zygote:
                 with open(procs, "w") as f:
                     f.write(str(pid))
         except OSError as exc:
-            os.kill(pid, self._signal.SIGKILL)
+            try:
+                os.kill(pid, self._signal.SIGKILL)  # it waits for a "go" that never comes
+            except ProcessLookupError:
+                pass
             raise Refused(f"cannot move the daemon into start's cgroups: {exc}") from exc
         score = settings["oom_score_adj"]
         if score and score != _read("/proc/self/oom_score_adj").strip():
