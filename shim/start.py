@@ -5,9 +5,10 @@ print only the address, and make sure the daemon holds none of our output fds. T
 bound and listening before we exit (containerd dials at once; the connection waits in the
 backlog while the daemon finishes importing).
 
-The daemon is forked from this process once the socket is bound, instead of exec'ing a new
-interpreter as the Go shim does: the interpreter and the modules imported so far are paid
-once per container, not twice.
+The daemon is forked, not exec'd as the Go shim does, so that no container pays for a
+second interpreter: preferably by the warm zygote (shim/zygote.py), which has imported
+everything the daemon needs, else by this process once the socket is bound (the first start
+of an installation, or PYSHIM_ZYGOTE=0).
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ def start(flags) -> int:
         print(f"pyshim start: {exc}", file=sys.stderr)
         return 1
     if listener is not None:
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            _become_daemon(flags, listener)  # never returns
+        from shim.zygote import spawn_daemon
+
+        pid = spawn_daemon(flags, listener, bundle)  # a warm zygote's fork, or None
+        if pid is None:
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _become_daemon(flags, listener)  # never returns
         listener.close()
         adjust_oom_score(pid)
     write_address(bundle, address)

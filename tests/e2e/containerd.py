@@ -515,6 +515,9 @@ class PrivateContainerd:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
         env["PATH"] = self.path_env
         env["CONTAINERD_SNAPSHOTTER"] = self.snapshotter
+        # Each private containerd's shims get their own zygote, which exits by itself once
+        # close() has removed this directory (it checks that its socket is still its own).
+        env.setdefault("PYSHIM_ZYGOTE_DIR", str(self.dir / "zygote"))
         if extra:
             env.update(extra)
         return env

@@ -90,7 +90,8 @@ def test_start_forks_a_daemon_that_answers_and_shuts_down(tmp_path):
     task_id = f"t-{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, "-m", "shim.cli", "-namespace", "unit", "-address", str(tmp_path / "containerd.sock"),
             "-publish-binary", "containerd", "-id", task_id, "start"]
-    env = {**os.environ, "TTRPC_ADDRESS": str(tmp_path / "nobody.ttrpc")}
+    # PYSHIM_ZYGOTE=0: this test is about the fork path; tests/unit/test_zygote.py covers the other.
+    env = {**os.environ, "TTRPC_ADDRESS": str(tmp_path / "nobody.ttrpc"), "PYSHIM_ZYGOTE": "0"}
     params = bytes(BootstrapParams(instance_id=task_id, namespace="unit"))
     done = subprocess.run(argv, cwd=bundle, input=params, capture_output=True, timeout=30, env=env)
     assert done.returncode == 0, done.stderr
