@@ -9,7 +9,6 @@ other containers of its group alone, and print nothing but the DeleteResponse by
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
