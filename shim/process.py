@@ -98,6 +98,7 @@ class Process:
         self.exit_status = 0
         self.exited_at: datetime.datetime | None = None
         self.io = None  # shim.stdio.ProcessIO once opened
+        self.stdin_closed = False  # CloseIO was received
         self._exited = asyncio.Event()
 
     @property

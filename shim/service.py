@@ -329,6 +329,11 @@ class TaskService:
                 process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
                 uid=container.options.io_uid, gid=container.options.io_gid,
             )
+            # ctr sends CloseIO as soon as its stdin ends, which can be while `runc exec`
+            # runs: the IO must be reachable (and a CloseIO before this point applied) now.
+            process.io = io
+            if process.stdin_closed:
+                io.close_stdin()
             try:
                 stdin_fd, stdout_fd, stderr_fd = io.child_fds()
                 await container.runtime.exec(
@@ -339,12 +344,13 @@ class TaskService:
                 io.close_child_ends()
                 process.pid = read_pid_file(process.pid_file)
             except RuncError as exc:
+                process.io = None
                 io.close()
                 raise TtrpcError(Code.UNKNOWN, f"OCI runtime exec failed: {exc}") from None
             except BaseException:
+                process.io = None
                 io.close()
                 raise
-            process.io = io
             process.state = Running
             early = next((e for e in collector if e.pid == process.pid), None)
             if early is None:
@@ -491,6 +497,7 @@ class TaskService:
 
     async def close_io(self, req: task.CloseIoRequest, ctx) -> Empty:
         process = self._container(req.id).process(req.exec_id)
+        process.stdin_closed = True  # also applies to IO opened later (an exec not yet started)
         if process.io is not None:
             process.io.close_stdin()
         return Empty()

@@ -336,3 +336,30 @@ def test_delete_command_without_daemon_is_idempotent(e2e):
         time.sleep(0.1)
     e2e.ctr("task", "rm", cid)
     e2e.ctr("container", "rm", cid, check=True)
+
+
+@pytest.mark.parametrize("runtime", [PYSHIM, RUNC])
+def test_exec_output_exit_code_and_errors(e2e, runtime):
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", runtime, e2e.image, cid, "sleep", "600", check=True)
+    done = e2e.ctr("task", "exec", "--exec-id", "x1", cid, "sh", "-c", "echo from exec; echo e >&2; exit 5")
+    assert (done.returncode, done.stdout, done.stderr) == (5, "from exec\n", "e\n"), done
+    # stdin through an exec, EOF after the first line came back (see the init stdin test).
+    proc = popen_ctr(e2e, "task", "exec", "--exec-id", "x2", cid, "cat",
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"to exec\n")
+        proc.stdin.flush()
+        read_until(proc.stdout, "to exec\n")
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    missing = e2e.ctr("task", "exec", "--exec-id", "x3", cid, "/nonexistent")
+    assert missing.returncode != 0
+    assert 'exec: "/nonexistent": stat /nonexistent: no such file or directory' in missing.stderr, missing
+    e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+    _wait_stopped(e2e, cid)
+    e2e.ctr("task", "rm", cid, check=True)
+    e2e.ctr("container", "rm", cid, check=True)
