@@ -47,6 +47,43 @@ _ERROR_LEVELS = frozenset({"error", "fatal", "panic"})
 _KNOWN_KEYS = frozenset({"msg", "message", "level", "lvl", "time"})
 
 
+@dataclass(frozen=True, slots=True)
+class CriuOptions:
+    """What `checkpoint` and `restore` share: where CRIU's images are and how it treats
+    the process tree (containerd.runc.v1.CheckpointOptions, and the restore side of Create)."""
+
+    image_path: str
+    work_path: str | None = None
+    parent_path: str | None = None
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    empty_ns: Sequence[str] = ()
+    manage_cgroups_mode: str | None = None
+
+    def args(self) -> list[str]:
+        # Same order as go-runc's CheckpointOpts.
+        args = ["--image-path", self.image_path]
+        if self.work_path:
+            args += ["--work-path", self.work_path]
+        if self.parent_path:
+            args += ["--parent-path", self.parent_path]
+        if self.tcp_established:
+            args.append("--tcp-established")
+        if self.ext_unix_sk:
+            args.append("--ext-unix-sk")
+        if self.shell_job:
+            args.append("--shell-job")
+        if self.file_locks:
+            args.append("--file-locks")
+        if self.manage_cgroups_mode:
+            args += ["--manage-cgroups-mode", self.manage_cgroups_mode]
+        for ns in self.empty_ns:
+            args += ["--empty-ns", ns]
+        return args
+
+
 class RuncError(Exception):
     """The OCI runtime exited non-zero. str() is the runtime's own message."""
 
@@ -237,32 +274,8 @@ class Runc:
         return args + ["--pid-file", os.path.abspath(pid_file), id]
 
     @staticmethod
-    def checkpoint_args(
-        id: str,
-        *,
-        image_path: str,
-        work_path: str | None = None,
-        parent_path: str | None = None,
-        tcp_established: bool = False,
-        ext_unix_sk: bool = False,
-        shell_job: bool = False,
-        file_locks: bool = False,
-        empty_ns: Sequence[str] = (),
-        manage_cgroups_mode: str | None = None,
-        leave_running: bool = False,
-        pre_dump: bool = False,
-    ) -> list[str]:
-        args = ["checkpoint"] + _criu_args(
-            image_path=image_path,
-            work_path=work_path,
-            parent_path=parent_path,
-            tcp_established=tcp_established,
-            ext_unix_sk=ext_unix_sk,
-            shell_job=shell_job,
-            file_locks=file_locks,
-            empty_ns=empty_ns,
-            manage_cgroups_mode=manage_cgroups_mode,
-        )
+    def checkpoint_args(id: str, criu: CriuOptions, *, leave_running: bool = False, pre_dump: bool = False) -> list[str]:
+        args = ["checkpoint", *criu.args()]
         if leave_running:
             args.append("--leave-running")
         if pre_dump:
@@ -273,33 +286,15 @@ class Runc:
     def restore_args(
         id: str,
         bundle: str,
+        criu: CriuOptions,
         *,
-        image_path: str,
         pid_file: str,
-        work_path: str | None = None,
-        parent_path: str | None = None,
         console_socket: str | None = None,
         no_pivot: bool = False,
         no_subreaper: bool = True,
         detach: bool = True,
-        tcp_established: bool = False,
-        ext_unix_sk: bool = False,
-        shell_job: bool = False,
-        file_locks: bool = False,
-        empty_ns: Sequence[str] = (),
-        manage_cgroups_mode: str | None = None,
     ) -> list[str]:
-        args = ["restore"] + _criu_args(
-            image_path=image_path,
-            work_path=work_path,
-            parent_path=parent_path,
-            tcp_established=tcp_established,
-            ext_unix_sk=ext_unix_sk,
-            shell_job=shell_job,
-            file_locks=file_locks,
-            empty_ns=empty_ns,
-            manage_cgroups_mode=manage_cgroups_mode,
-        )
+        args = ["restore", *criu.args()]
         if detach:
             args.append("--detach")
         args += ["--pid-file", os.path.abspath(pid_file)]
@@ -467,60 +462,30 @@ class Runc:
         await self._run("update", "--resources", "-", id, input=json.dumps(resources).encode())
 
     async def checkpoint(
-        self,
-        id: str,
-        *,
-        image_path: str,
-        work_path: str | None = None,
-        parent_path: str | None = None,
-        tcp_established: bool = False,
-        ext_unix_sk: bool = False,
-        shell_job: bool = False,
-        file_locks: bool = False,
-        empty_ns: Sequence[str] = (),
-        manage_cgroups_mode: str | None = None,
-        leave_running: bool = False,
-        pre_dump: bool = False,
+        self, id: str, criu: CriuOptions, *, leave_running: bool = False, pre_dump: bool = False
     ) -> None:
         """`runc checkpoint` (CheckpointOptions: exit=False means leave_running=True)."""
-        args = self.checkpoint_args(
-            id, image_path=image_path, work_path=work_path, parent_path=parent_path,
-            tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
-            file_locks=file_locks, empty_ns=empty_ns, manage_cgroups_mode=manage_cgroups_mode,
-            leave_running=leave_running, pre_dump=pre_dump,
-        )
-        await self._run(*args)
+        await self._run(*self.checkpoint_args(id, criu, leave_running=leave_running, pre_dump=pre_dump))
 
     async def restore(
         self,
         id: str,
         bundle: str,
+        criu: CriuOptions,
         *,
-        image_path: str,
         pid_file: str,
-        work_path: str | None = None,
-        parent_path: str | None = None,
         console_socket: str | None = None,
         no_pivot: bool = False,
         no_subreaper: bool = True,
         detach: bool = True,
-        tcp_established: bool = False,
-        ext_unix_sk: bool = False,
-        shell_job: bool = False,
-        file_locks: bool = False,
-        empty_ns: Sequence[str] = (),
-        manage_cgroups_mode: str | None = None,
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
     ) -> None:
         """`runc restore --detach`: the restored init runs (pid in `pid_file`) when this returns."""
         args = self.restore_args(
-            id, bundle, image_path=image_path, pid_file=pid_file, work_path=work_path,
-            parent_path=parent_path, console_socket=console_socket, no_pivot=no_pivot,
-            no_subreaper=no_subreaper, detach=detach, tcp_established=tcp_established,
-            ext_unix_sk=ext_unix_sk, shell_job=shell_job, file_locks=file_locks,
-            empty_ns=empty_ns, manage_cgroups_mode=manage_cgroups_mode,
+            id, bundle, criu, pid_file=pid_file, console_socket=console_socket,
+            no_pivot=no_pivot, no_subreaper=no_subreaper, detach=detach,
         )
         await self._run(*args, stdin=stdin, stdout=stdout, stderr=stderr, capture=False)
 
@@ -550,39 +515,6 @@ def _json_output(result: Result, command: str) -> Any:
             returncode=result.returncode,
             stderr=result.stderr.decode("utf-8", "replace").strip(),
         ) from None
-
-
-def _criu_args(
-    *,
-    image_path: str,
-    work_path: str | None,
-    parent_path: str | None,
-    tcp_established: bool,
-    ext_unix_sk: bool,
-    shell_job: bool,
-    file_locks: bool,
-    empty_ns: Sequence[str],
-    manage_cgroups_mode: str | None,
-) -> list[str]:
-    # Same order as go-runc's CheckpointOpts, shared by checkpoint and restore.
-    args = ["--image-path", image_path]
-    if work_path:
-        args += ["--work-path", work_path]
-    if parent_path:
-        args += ["--parent-path", parent_path]
-    if tcp_established:
-        args.append("--tcp-established")
-    if ext_unix_sk:
-        args.append("--ext-unix-sk")
-    if shell_job:
-        args.append("--shell-job")
-    if file_locks:
-        args.append("--file-locks")
-    if manage_cgroups_mode:
-        args += ["--manage-cgroups-mode", manage_cgroups_mode]
-    for ns in empty_ns:
-        args += ["--empty-ns", ns]
-    return args
 
 
 def _write_process_file(spec: Mapping[str, Any]) -> str:

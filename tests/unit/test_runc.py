@@ -20,6 +20,7 @@ import pytest
 
 from shim.reaper import Reaper, set_child_subreaper
 from shim.runc import (
+    CriuOptions,
     LogEntry,
     Runc,
     RuncError,
@@ -135,21 +136,22 @@ def test_exec_args():
 
 def test_checkpoint_args():
     # As the runc shim passes CheckpointOptions (exit=False => --leave-running).
-    args = make_runc().checkpoint_args(
-        "c1", image_path="/img", work_path="/work/criu-work", tcp_established=True, ext_unix_sk=True,
-        shell_job=True, file_locks=True, empty_ns=["network", "ipc"], leave_running=True,
+    criu = CriuOptions(
+        image_path="/img", work_path="/work/criu-work", tcp_established=True, ext_unix_sk=True,
+        shell_job=True, file_locks=True, empty_ns=["network", "ipc"],
     )
+    args = make_runc().checkpoint_args("c1", criu, leave_running=True)
     assert args == [
         "checkpoint", "--image-path", "/img", "--work-path", "/work/criu-work", "--tcp-established",
         "--ext-unix-sk", "--shell-job", "--file-locks", "--empty-ns", "network", "--empty-ns", "ipc",
         "--leave-running", "c1",
     ]
-    assert make_runc().checkpoint_args("c1", image_path="/img") == ["checkpoint", "--image-path", "/img", "c1"]
+    assert make_runc().checkpoint_args("c1", CriuOptions("/img")) == ["checkpoint", "--image-path", "/img", "c1"]
 
 
 def test_restore_args():
     args = make_runc().restore_args(
-        "c1", "/b", image_path="/img", work_path="/w", parent_path="/parent", pid_file="/b/init.pid",
+        "c1", "/b", CriuOptions("/img", work_path="/w", parent_path="/parent"), pid_file="/b/init.pid",
         console_socket="/s", no_pivot=True,
     )
     assert args == [
