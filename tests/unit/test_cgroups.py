@@ -1,0 +1,191 @@
+"""shim.cgroups: the pure parsers with sample files, stats of fake cgroup trees, OOM watches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from shim import cgroups
+from shim.api.io.containerd.cgroups import v1, v2
+
+MEMORY_STAT_V1 = """\
+cache 1216512
+rss 405504
+rss_huge 0
+shmem 0
+mapped_file 0
+dirty 0
+writeback 0
+pgpgin 693
+pgpgout 298
+pgfault 1221
+pgmajfault 0
+inactive_anon 405504
+active_anon 0
+inactive_file 1216512
+active_file 0
+unevictable 0
+hierarchical_memory_limit 33554432
+hierarchical_memsw_limit 9223372036854771712
+total_cache 1216512
+total_rss 405504
+total_pgpgin 693
+total_pgmajfault 7
+total_unevictable 0
+"""
+
+MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 /outer /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_parse_uint_max_and_garbage():
+    assert cgroups.parse_uint("42\n") == 42
+    assert cgroups.parse_uint("max") == 0
+    assert cgroups.parse_uint("max", cgroups.MAX_UINT64) == 2**64 - 1
+    assert cgroups.parse_uint("-1") == 0
+    assert cgroups.parse_uint("") == 0
+
+
+def test_parse_proc_cgroup_hybrid():
+    paths = cgroups.parse_proc_cgroup("12:cpu,cpuacct:/ns/c1\n4:memory:/ns/c1\n1:name=systemd:/x\n0::/\n")
+    assert paths == {"cpu": "/ns/c1", "cpuacct": "/ns/c1", "memory": "/ns/c1", "name=systemd": "/x", "": "/"}
+
+
+def test_parse_v1_mounts_and_directories():
+    mounts = cgroups.parse_v1_mounts(MOUNTINFO)
+    assert mounts["cpu"] == ("/", "/sys/fs/cgroup/cpu,cpuacct")
+    assert mounts["cpuacct"] == ("/", "/sys/fs/cgroup/cpu,cpuacct")
+    assert mounts["name=systemd"] == ("/", "/sys/fs/cgroup/systemd")
+    assert "" not in mounts and "rw" not in mounts
+    assert cgroups.v1_directory(mounts["cpu"], "/ns/c1") == "/sys/fs/cgroup/cpu,cpuacct/ns/c1"
+    # a mount whose root is a sub-cgroup (inside a cgroup namespace or a bind mount)
+    assert cgroups.v1_directory(mounts["memory"], "/outer/ns/c1") == "/sys/fs/cgroup/memory/ns/c1"
+
+
+def test_v1_memory_stat_renames():
+    m = cgroups.v1_memory_stat(cgroups.parse_keyed(MEMORY_STAT_V1))
+    assert (m.cache, m.rss, m.pg_pg_in, m.pg_pg_out, m.pg_fault) == (1216512, 405504, 693, 298, 1221)
+    assert m.hierarchical_memory_limit == 33554432
+    assert m.hierarchical_swap_limit == 9223372036854771712
+    assert (m.total_pg_pg_in, m.total_pg_maj_fault) == (693, 7)
+
+
+def test_parse_blkio_throttle_file():
+    text = "8:0 Read 4096\n8:0 Write 8192\n8:0 Sync 0\n8:0 Async 12288\n8:0 Total 12288\nTotal 12288\n"
+    entries = cgroups.parse_blkio(text, lambda major, minor: f"/dev/d{major}-{minor}")
+    assert [(e.op, e.major, e.minor, e.value, e.device) for e in entries][:2] == [
+        ("Read", 8, 0, 4096, "/dev/d8-0"), ("Write", 8, 0, 8192, "/dev/d8-0")]
+    assert len(entries) == 5  # the last, device-less Total line is not an entry
+    assert cgroups.parse_blkio("8:16 77\n")[0].value == 77  # two-column files (blkio.sectors)
+
+
+def test_parse_io_stat():
+    entries = cgroups.parse_io_stat("8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n259:0 rbytes=5\n")
+    assert [(e.major, e.minor, e.rbytes, e.wbytes, e.rios, e.wios) for e in entries] == [
+        (8, 0, 10, 20, 1, 2), (259, 0, 5, 0, 0, 0)]
+
+
+def write_tree(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_v1_stats_from_files(tmp_path):
+    write_tree(tmp_path, {
+        "cpuacct/cpuacct.usage": "3000000\n",
+        "cpuacct/cpuacct.usage_percpu": "1000000 2000000 \n",
+        "cpuacct/cpuacct.stat": "user 2\nsystem 1\n",
+        "cpu/cpu.stat": "nr_periods 5\nnr_throttled 2\nthrottled_time 900\n",
+        "memory/memory.stat": MEMORY_STAT_V1,
+        "memory/memory.usage_in_bytes": "1622016\n",
+        "memory/memory.max_usage_in_bytes": "2000000\n",
+        "memory/memory.limit_in_bytes": "33554432\n",
+        "memory/memory.failcnt": "3\n",
+        "memory/memory.kmem.usage_in_bytes": "4096\n",
+        "memory/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        "pids/pids.current": "2\n",
+        "pids/pids.max": "max\n",
+        "blkio/blkio.throttle.io_service_bytes_recursive": "8:0 Read 4096\nTotal 4096\n",
+    })
+    cg = cgroups.CgroupV1({c: str(tmp_path / c) for c in ("cpu", "cpuacct", "memory", "pids", "blkio")})
+    m = cg.stats()
+    assert cg.metrics_type == "io.containerd.cgroups.v1.Metrics"
+    assert (m.cpu.usage.total, m.cpu.usage.per_cpu) == (3000000, [1000000, 2000000])
+    assert (m.cpu.usage.user, m.cpu.usage.kernel) == (20_000_000, 10_000_000)
+    assert (m.cpu.throttling.periods, m.cpu.throttling.throttled_periods, m.cpu.throttling.throttled_time) == (5, 2, 900)
+    assert (m.memory.usage.usage, m.memory.usage.max, m.memory.usage.limit, m.memory.usage.failcnt) == (
+        1622016, 2000000, 33554432, 3)
+    assert m.memory.kernel.usage == 4096 and m.memory.swap.usage == 0  # memsw absent: zeros
+    assert m.memory.rss == 405504
+    assert m.memory_oom_control.oom_kill == 1
+    assert (m.pids.current, m.pids.limit) == (2, 0)  # v1: "max" is 0, as containerd/cgroups
+    assert [(e.op, e.value) for e in m.blkio.io_service_bytes_recursive] == [("Read", 4096)]
+    assert v1.Metrics.parse(bytes(m)).memory.usage.usage == 1622016
+
+
+def test_v1_stats_missing_everything(tmp_path):
+    m = cgroups.CgroupV1({"memory": str(tmp_path / "gone")}).stats()
+    assert m.memory.usage.usage == 0 and m.pids is None
+
+
+def test_v2_stats_from_files(tmp_path):
+    write_tree(tmp_path, {
+        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
+        "memory.stat": "anon 4096\nfile 8192\npgfault 12\nworkingset_refault_anon 0\n",
+        "memory.current": "12288\n",
+        "memory.max": "max\n",
+        "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        "pids.current": "1\n",
+        "pids.max": "100\n",
+        "io.stat": "8:0 rbytes=10 wbytes=20 rios=1 wios=2\n",
+    })
+    cg = cgroups.CgroupV2(str(tmp_path))
+    m = cg.stats()
+    assert cg.metrics_type == "io.containerd.cgroups.v2.Metrics"
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (1500, 1000, 500)
+    assert (m.memory.anon, m.memory.file, m.memory.pgfault, m.memory.usage) == (4096, 8192, 12, 12288)
+    assert m.memory.usage_limit == 2**64 - 1  # v2: "max" is math.MaxUint64
+    assert m.memory.swap_limit == 0  # file absent
+    assert (m.memory_events.max, m.memory_events.oom_kill) == (3, 1)
+    assert (m.pids.current, m.pids.limit) == (1, 100)
+    assert m.io.usage[0].wbytes == 20
+    assert v2.Metrics.parse(bytes(m)).memory.usage == 12288
+
+
+def test_load_gone_process():
+    assert cgroups.load(2**22 + 12345) is None
+
+
+async def test_v2_oom_watch_counts_oom_kill_rises(tmp_path):
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\n")
+    seen = []
+    watch = cgroups.CgroupV2(str(tmp_path)).watch_oom(lambda: seen.append(1))
+    try:
+        events.write_text("low 0\nhigh 0\nmax 1\noom 0\noom_kill 2\n")  # no new kill
+        await asyncio.sleep(0.05)
+        assert seen == []
+        events.write_text("low 0\nhigh 0\nmax 1\noom 1\noom_kill 3\n")
+        watch.poll()  # drained synchronously (what the exit path does) ...
+        assert seen == [1]
+        await asyncio.sleep(0.05)
+        assert seen == [1]  # ... and not reported twice by the loop
+    finally:
+        watch.close()
+        watch.close()
+
+
+async def test_v1_oom_watch_registration_failure_leaks_no_fd(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        cgroups.EventfdOomWatch(str(tmp_path), lambda: None)  # no memory.oom_control here
+    assert len(os.listdir("/proc/self/fd")) == before
