@@ -139,6 +139,7 @@ class Process:
         if self.io is not None:
             io, self.io = self.io, None
             io.close()
+            await io.wait_closed()  # a binary:// logger has exited (SIGTERM, then SIGKILL)
 
 
 class InitProcess(Process):

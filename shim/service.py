@@ -235,7 +235,8 @@ class TaskService:
         early_exits: list = []
         self._exec_start_collectors.append(early_exits)
         try:
-            io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, uid=options.io_uid, gid=options.io_gid)
+            io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, uid=options.io_uid, gid=options.io_gid,
+                                       container_id=req.id, namespace=self.namespace, reaper=self.reaper)
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
             try:
                 await runtime.create(
@@ -328,6 +329,7 @@ class TaskService:
             io = await open_process_io(
                 process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
                 uid=container.options.io_uid, gid=container.options.io_gid,
+                container_id=container.id, namespace=self.namespace, reaper=self.reaper,
             )
             # ctr sends CloseIO as soon as its stdin ends, which can be while `runc exec`
             # runs: the IO must be reachable (and a CloseIO before this point applied) now.

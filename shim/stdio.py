@@ -40,8 +40,8 @@ Rules kept here (containerd's runc shim, `cmd/containerd-shim-runc-v2/process/io
 Copying is not done by coroutines but by readiness callbacks (`_Pump`): each chunk is one
 splice(2) between two pipes (kernel to kernel, no copy through Python), and the callback stays
 registered while data flows, so a busy stream costs no future and no epoll_ctl per chunk.
-`terminal` and `binary://` are refused for now (`StdioUnsupported`); they will add pumps
-(pty master <-> FIFOs) or a logger process to the same `ProcessIO`.
+`binary:///path?k=v` starts a logger process instead of pumps (see `_Logger`). `terminal` is
+refused for now (`StdioUnsupported`).
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ import errno
 import fcntl
 import logging
 import os
+import select
+import signal
 import stat
 import sys
 import termios
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 log = logging.getLogger("shim.stdio")
 
@@ -74,6 +76,13 @@ _CHUNK = 1 << 20  # upper bound per splice/read; a pipe hands out at most what i
 _BURST = 16  # chunks per readiness callback before yielding to the rest of the loop
 _OPEN_POLL_MAX = 0.05  # longest pause between two attempts to open an output FIFO
 
+#: How long Create/Exec wait for a binary:// logger to signal that it is ready.
+LOGGER_READY_TIMEOUT = 10.0
+#: How long a logger may take to exit after SIGTERM before it is SIGKILLed (the Go shim's 12 s).
+LOGGER_STOP_TIMEOUT = 12.0
+#: After a logger said it is ready: how long we look whether it is exiting instead.
+LOGGER_EXIT_GRACE = 0.025
+
 
 class StdioError(Exception):
     """The stdio of a process cannot be set up; the message names the stream and the path."""
@@ -85,7 +94,7 @@ class StdioError(Exception):
 
 
 class StdioUnsupported(StdioError, NotImplementedError):
-    """A stdio mode this shim does not implement yet (terminal, binary://)."""
+    """A stdio mode this shim does not implement yet (terminal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +106,8 @@ class StdioPlan:
     stderr: str
     #: file:// target to create (directory 0755, file 0644) before opening it.
     create_file: str = ""
+    #: binary:// logger command line; stdout and stderr then go to it, stdin is /dev/null.
+    logger: tuple[str, ...] = ()
 
 
 def plan_stdio(stdin: str, stdout: str, stderr: str, *, terminal: bool = False) -> StdioPlan:
@@ -123,7 +134,7 @@ def plan_stdio(stdin: str, stdout: str, stderr: str, *, terminal: bool = False) 
             raise StdioError(f"file stdio needs an absolute path: {uri!r}", path=uri)
         return StdioPlan(stdin, path if stdout else "", path if stderr else "", create_file=path)
     if scheme == "binary":
-        raise StdioUnsupported(f"binary:// logging is not supported yet: {uri!r}", stream="stdout", path=uri)
+        return StdioPlan("", "", "", logger=_logger_argv(uri))
     raise StdioError(f"unknown STDIO scheme {scheme}: {uri!r}", stream="stdout", path=uri)
 
 
@@ -136,19 +147,31 @@ async def open_process_io(
     uid: int = 0,
     gid: int = 0,
     open_timeout: float = OPEN_TIMEOUT,
+    container_id: str = "",
+    namespace: str = "",
+    reaper=None,
 ) -> ProcessIO:
     """Create the pipes and open the client's FIFOs/files for one process.
 
     `uid`/`gid` own the container's ends of the pipes (runc's io_uid/io_gid), so a container
     user can reopen /proc/self/fd/1. Waits (without blocking the loop) at most `open_timeout`
     seconds for the client to open its output FIFOs. Raises `StdioError` naming the path that
-    failed, `StdioUnsupported` for terminal and binary://. Nothing is left open on failure or
-    cancellation.
+    failed, `StdioUnsupported` for terminal. Nothing is left open on failure or cancellation.
+
+    binary:// needs `reaper` (a started shim.reaper.Reaper: the logger's exit must go to a
+    watcher, never look like a container process's) and gets `container_id` and `namespace`
+    in its environment; it returns once the logger said it is ready.
     """
     plan = plan_stdio(stdin, stdout, stderr, terminal=terminal)
     pio = ProcessIO(asyncio.get_running_loop())
     try:
-        await pio._open(plan, uid, gid, open_timeout)
+        if plan.logger:
+            if reaper is None:
+                raise StdioError(f"binary logger {plan.logger[0]}: no reaper to run it", stream="stdout")
+            pio._logger = _Logger(plan.logger, reaper)
+            await pio._open_logger(uid, gid, container_id, namespace)
+        else:
+            await pio._open(plan, uid, gid, open_timeout)
     except BaseException:
         pio.close()
         raise
@@ -168,6 +191,7 @@ class ProcessIO:
         self._stdin_writer = -1  # held until CloseIO, see module docstring
         self._pumps: list[_Pump] = []
         self._output: list[_Pump] = []
+        self._logger: _Logger | None = None
         self._started = False
         self._closed = False
 
@@ -225,7 +249,8 @@ class ProcessIO:
         return all(w.done() and w.result() for w in waits)
 
     def close(self) -> None:
-        """Stop every copy loop and close every fd this object owns. Idempotent."""
+        """Stop every copy loop and close every fd this object owns; SIGTERM a logger (its
+        stop finishes in the background, see `wait_closed`). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -233,6 +258,14 @@ class ProcessIO:
             pump.stop()
         self.close_child_ends()
         self.close_stdin()
+        if self._logger is not None:
+            self._logger.stop()
+
+    async def wait_closed(self) -> None:
+        """After `close`: wait until a logger has exited and was reaped (at most
+        LOGGER_STOP_TIMEOUT, then it is SIGKILLed). Returns at once without a logger."""
+        if self._logger is not None:
+            await self._logger.stopped()
 
     def __enter__(self) -> ProcessIO:
         return self
@@ -277,6 +310,33 @@ class ProcessIO:
         else:
             self._child[0] = self._null()
 
+    async def _open_logger(self, uid: int, gid: int, container_id: str, namespace: str) -> None:
+        """binary://: the container writes into two pipes whose read ends are the logger's
+        fds 3 and 4; it starts only once the logger signalled readiness on fd 5."""
+        assert self._logger is not None
+        self._child[0] = self._null()
+        out = self._pipe(1, uid, gid, "stdout")
+        try:
+            err = self._pipe(2, uid, gid, "stderr")
+        except BaseException:
+            _close(out)
+            raise
+        for fd in (out, err):
+            os.set_blocking(fd, True)  # the logger may well do blocking reads
+        await self._logger.start(out, err, container_id, namespace, self._child[1])
+
+    async def _open_terminal(self, plan: StdioPlan, deadline: float) -> None:
+        self._terminal = True
+        self._child = [self._null()] * 3  # runc's own stdio; the container gets the pty slave
+        if plan.stdout:
+            self._console_out = await _open_output("stdout", plan.stdout, deadline, self._loop)
+        if plan.stdin:
+            self._console_in = _open_stdin_fifo(plan.stdin)
+            try:
+                self._stdin_writer = os.open(plan.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise _open_error("stdin", plan.stdin, exc) from exc
+
     def _null(self) -> int:
         if self._devnull == -1:
             self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -298,6 +358,129 @@ class ProcessIO:
             _close(ours)
             raise StdioError(f"{stream}: preparing pipe for uid {uid} gid {gid}: {exc}", stream=stream) from exc
         return ours
+
+
+def _logger_argv(uri: str) -> tuple[str, ...]:
+    """binary:///path?k=v&k2=v2 -> (path, k, v, k2, v2): each key then its first value, as
+    the Go shim builds it (its order is Go map order, i.e. none; we keep the URI's)."""
+    parts = urlsplit(uri)
+    path = unquote(parts.path)
+    if not path.startswith("/"):
+        raise StdioError(f"binary logger needs an absolute path: {uri!r}", stream="stdout", path=uri)
+    argv = [path]
+    for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+        argv += [key, values[0]]
+    return tuple(argv)
+
+
+class _Logger:
+    """A binary:// logger process: started through the shim's Reaper (its exit goes to our
+    watcher only), ready when it closes fd 5 or writes to it, stopped with SIGTERM and, after
+    LOGGER_STOP_TIMEOUT, SIGKILL."""
+
+    def __init__(self, argv: tuple[str, ...], reaper) -> None:
+        self.argv = argv
+        self.reaper = reaper
+        self.pid = 0
+        self.exited: asyncio.Future | None = None
+        self._stopping: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return f"binary logger {self.argv[0]}"
+
+    async def start(self, out: int, err: int, container_id: str, namespace: str, probe: int) -> None:
+        """Spawn it with fds 3, 4 and 5 (`out` and `err` are closed here), wait until it is
+        ready. `probe` is the container's stdout write end: once the logger is gone it reports
+        POLLERR (no reader left)."""
+        loop = asyncio.get_running_loop()
+        ready_r = ready_w = -1
+        try:
+            ready_r, ready_w = os.pipe()
+            env = {"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace}
+            try:
+                self.pid = self.reaper.spawn(list(self.argv), extra_fds={3: out, 4: err, 5: ready_w}, env=env)
+            except OSError as exc:
+                raise StdioError(f"{self.name}: cannot start it: {exc.strerror or exc}", stream="stdout",
+                                 path=self.argv[0]) from exc
+            self.exited = self.reaper.watch(self.pid)
+            # The read ends stay only in the logger: if it dies the container gets EPIPE
+            # instead of blocking on a full pipe, and a logger that exited shows (below).
+            for fd in (out, err, ready_w):
+                _close(fd)
+            out = err = ready_w = -1
+            ready = loop.create_future()
+
+            def on_ready() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(ready_r, on_ready)
+            try:
+                await asyncio.wait((ready, self.exited), timeout=LOGGER_READY_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(ready_r)
+            if not ready.done() and not self.exited.done():
+                raise StdioError(f"{self.name} did not signal ready (close or write fd 5) within "
+                                 f"{LOGGER_READY_TIMEOUT:g}s", stream="stdout", path=self.argv[0])
+            # A logger that exits also closes fd 5, which looks like readiness. Its exit, or
+            # its stdout reader being gone, tells; the kernel releases an exiting process's
+            # files in no useful order, so give both a moment to show.
+            if not self.exited.done():
+                await asyncio.wait((self.exited,), timeout=LOGGER_EXIT_GRACE)
+            if self.exited.done() or _no_reader(probe):
+                await asyncio.wait((self.exited,), timeout=1.0)
+                how = f" with status {self.exited.result().status}" if self.exited.done() else ""
+                raise StdioError(f"{self.name} exited{how} before it was ready", stream="stdout",
+                                 path=self.argv[0])
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for fd in (out, err, ready_r, ready_w):
+                if fd != -1:
+                    _close(fd)
+
+    def stop(self) -> None:
+        """SIGTERM now, SIGKILL after LOGGER_STOP_TIMEOUT; runs in the background. Idempotent."""
+        if self._stopping is not None or self.exited is None:
+            return
+        self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        self._stopping.add_done_callback(self._stop_done)
+
+    async def stopped(self) -> None:
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        assert self.exited is not None
+        if self.exited.done():
+            return
+        _signal(self.pid, signal.SIGTERM)
+        done, _ = await asyncio.wait((self.exited,), timeout=LOGGER_STOP_TIMEOUT)
+        if not done:
+            log.warning("%s (pid %d) still running %gs after SIGTERM; killing it", self.name, self.pid,
+                        LOGGER_STOP_TIMEOUT)
+            _signal(self.pid, signal.SIGKILL)
+            await self.exited
+
+    def _stop_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: stopping it failed", self.name, exc_info=task.exception())
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)  # not reaped before our watcher saw the exit, so the pid is still ours
+    except ProcessLookupError:
+        pass
+
+
+def _no_reader(write_end: int) -> bool:
+    poller = select.poll()
+    poller.register(write_end, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in poller.poll(0))
 
 
 @dataclass(slots=True)

@@ -413,7 +413,7 @@ async def test_open_errors_name_the_path(tmp_path, fifos):
         with pytest.raises(StdioError) as caught:
             await open_process_io(*args)
         assert caught.value.path in (missing, str(tmp_path)) and caught.value.path in str(caught.value)
-    with pytest.raises(NotImplementedError, match="binary"):
+    with pytest.raises(StdioError, match="no reaper"):
         await open_process_io("", "binary:///usr/bin/logger?a=b", "")
     with pytest.raises(NotImplementedError, match="terminal"):
         await open_process_io(out_path, out_path, "", terminal=True)
@@ -466,11 +466,133 @@ def test_plan_stdio():
         "/f/in", "/var/log/a b.log", "/var/log/a b.log", create_file="/var/log/a b.log"
     )
     assert plan_stdio("", "file:///l", "").stderr == ""
-    with pytest.raises(StdioUnsupported):
-        plan_stdio("", "binary:///bin/logger", "")
+    assert plan_stdio("/f/in", "binary:///bin/my%20logger?dir=/x&n=1&n=2&e=", "") == stdio.StdioPlan(
+        "", "", "", logger=("/bin/my logger", "dir", "/x", "n", "1", "e", "")
+    )
+    with pytest.raises(StdioError, match="absolute"):
+        plan_stdio("", "binary://relative", "")
     with pytest.raises(StdioUnsupported):
         plan_stdio("", "/f/out", "", terminal=True)
     with pytest.raises(StdioError, match="absolute"):
         plan_stdio("", "file://relative", "")
     with pytest.raises(StdioError, match="unknown STDIO scheme fifo"):
         plan_stdio("", "fifo:///f/out", "")
+
+
+# -- binary:// loggers ------------------------------------------------------------------------
+
+LOGGER = """#!/bin/sh
+# A binary:// logger: fd 3 = container stdout, fd 4 = stderr, fd 5 = ready.
+trap '' TERM  # exit once both streams reached EOF, not before (the test reads the files)
+out=$1; shift
+env > "$out.env"; echo "$@" > "$out.args"
+cat <&3 > "$out.out" 5>&- &
+cat <&4 > "$out.err" 5>&- &
+exec 3<&- 4<&- 5>&-
+wait
+"""
+
+
+@pytest.fixture
+async def reaper():
+    from shim.reaper import Reaper
+
+    r = Reaper()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def script(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+async def test_binary_logger_gets_stdout_stderr_args_and_env(tmp_path, reaper):
+    before = open_fds()
+    logger = script(tmp_path, "logger", LOGGER)
+    base = tmp_path / "log"
+    exits = reaper.subscribe()
+    io = await open_process_io("", f"binary://{logger}?{base}=&k=v", "", container_id="c1", namespace="ns1",
+                               reaper=reaper)
+    assert os.readlink(f"/proc/self/fd/{io.child_fds()[0]}") == "/dev/null"
+    in_fd, out_fd, err_fd = io.child_fds()
+    pid = reaper.spawn(["sh", "-c", "echo out; echo err >&2"], stdin=in_fd, stdout=out_fd, stderr=err_fd)
+    io.start_copying()
+    io.close_child_ends()
+    assert (await asyncio.wait_for(reaper.watch(pid), 10)).status == 0
+    assert await io.wait_output_flushed(1)
+    io.close()
+    await asyncio.wait_for(io.wait_closed(), 5)
+    assert (tmp_path / "log.out").read_text() == "out\n"
+    assert (tmp_path / "log.err").read_text() == "err\n"
+    assert (tmp_path / "log.args").read_text() == " k v\n"  # "$1" was the empty value
+    env = set((tmp_path / "log.env").read_text().split())
+    assert {"CONTAINER_ID=c1", "CONTAINER_NAMESPACE=ns1"} <= env and not any(e.startswith("PATH=/usr") for e in env)
+    assert pid not in [e.pid for e in iter(exits.get_nowait, None)]  # not the logger's either
+    exits.close()
+    assert open_fds() == before
+
+
+async def test_container_waits_until_the_logger_is_ready(tmp_path, reaper):
+    flag = tmp_path / "go"
+    logger = script(tmp_path, "slow", f"#!/bin/sh\nwhile [ ! -e {flag} ]; do sleep 0.02; done\necho r >&5\ncat <&3\n")
+    opening = asyncio.create_task(open_process_io("", f"binary://{logger}", "", reaper=reaper))
+    await asyncio.sleep(0.3)
+    assert not opening.done()  # and the loop is not blocked, or we would not be here
+    flag.touch()
+    io = await asyncio.wait_for(opening, 5)
+    io.close()
+    await asyncio.wait_for(io.wait_closed(), 5)  # SIGTERM ends cat
+
+
+@pytest.mark.parametrize("body, match", [
+    ("exit 3", "exited with status 3 before it was ready"),
+    ("exec 5>&-; exec 3<&- 4<&-; sleep 0.2; exit 0", "exited with status 0 before it was ready"),
+])
+async def test_logger_that_exits_fails_with_its_name(tmp_path, reaper, body, match):
+    before = open_fds()
+    logger = script(tmp_path, "bad-logger", f"#!/bin/sh\n{body}\n")
+    with pytest.raises(StdioError, match=f"binary logger {logger} {match}"):
+        await open_process_io("", f"binary://{logger}", "", reaper=reaper)
+    assert open_fds() == before
+
+
+async def test_logger_missing_or_never_ready(tmp_path, reaper, monkeypatch):
+    before = open_fds()
+    with pytest.raises(StdioError, match=f"binary logger {tmp_path}/nope: cannot start it"):
+        await open_process_io("", f"binary://{tmp_path}/nope", "", reaper=reaper)
+    monkeypatch.setattr(stdio, "LOGGER_READY_TIMEOUT", 0.3)
+    monkeypatch.setattr(stdio, "LOGGER_STOP_TIMEOUT", 0.3)
+    logger = script(tmp_path, "stuck", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.05; done\n")
+    spawned = []
+    spawn = reaper.spawn
+
+    def spawn_and_watch(*args, **kw):
+        pid = spawn(*args, **kw)
+        spawned.append((pid, reaper.watch(pid)))
+        return pid
+
+    monkeypatch.setattr(reaper, "spawn", spawn_and_watch)
+    exits = reaper.subscribe()
+    with pytest.raises(StdioError, match=f"binary logger {logger} did not signal ready"):
+        await open_process_io("", f"binary://{logger}", "", reaper=reaper)
+    # SIGTERM ignored: SIGKILL after the stop timeout, reaped by its watcher only.
+    (pid, exited), = spawned
+    assert (await asyncio.wait_for(exited, 5)).status == 137
+    assert pid not in [e.pid for e in iter(exits.get_nowait, None)]
+    exits.close()
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(b"stuck\0")]
+    assert open_fds() == before
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
