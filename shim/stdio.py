@@ -40,8 +40,15 @@ Rules kept here (containerd's runc shim, `cmd/containerd-shim-runc-v2/process/io
 Copying is not done by coroutines but by readiness callbacks (`_Pump`): each chunk is one
 splice(2) between two pipes (kernel to kernel, no copy through Python), and the callback stays
 registered while data flows, so a busy stream costs no future and no epoll_ctl per chunk.
-`binary:///path?k=v` starts a logger process instead of pumps (see `_Logger`). `terminal` is
-refused for now (`StdioUnsupported`).
+`binary:///path?k=v` starts a logger process instead of pumps (see `_Logger`).
+
+Terminal mode (`terminal=True`): runc gets /dev/null as its stdio and sends the pty master
+over the console socket (shim.console); the shim hands it over with `attach_console(master)`.
+The stdout FIFO (or file) and the stdin FIFO are opened up front exactly as above, stderr is
+unused (the pty merges it). Pumps: master -> stdout, stdin FIFO -> master. The master reads
+EIO once the last slave fd is closed (the process and whatever inherited the tty exited): that
+is the output's EOF, and then the master is closed (stdin pump stopped too), so a terminal
+process's `wait_output_flushed` means the same as with pipes. `resize` sets its window size.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import signal
 import stat
 import sys
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -94,7 +102,7 @@ class StdioError(Exception):
 
 
 class StdioUnsupported(StdioError, NotImplementedError):
-    """A stdio mode this shim does not implement yet (terminal)."""
+    """A stdio mode this shim does not implement yet (binary:// with a terminal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,8 @@ class StdioPlan:
     stderr: str
     #: file:// target to create (directory 0755, file 0644) before opening it.
     create_file: str = ""
+    #: Output comes from a pty master (attach_console), not from pipes; stderr is unused.
+    terminal: bool = False
     #: binary:// logger command line; stdout and stderr then go to it, stdin is /dev/null.
     logger: tuple[str, ...] = ()
 
@@ -118,7 +128,12 @@ def plan_stdio(stdin: str, stdout: str, stderr: str, *, terminal: bool = False) 
     (those that are not empty) to the file p.
     """
     if terminal:
-        raise StdioUnsupported("terminal (tty) stdio is not supported yet", stream="stdout", path=stdout)
+        # The pty is the container's stdout and stderr at once; containerd sends stderr ''.
+        plan = plan_stdio(stdin, stdout, "")
+        if plan.logger:
+            raise StdioUnsupported(f"binary:// logging with a terminal is not supported yet: {stdout!r}",
+                                   stream="stdout", path=stdout)
+        return StdioPlan(plan.stdin, plan.stdout, "", plan.create_file, terminal=True)
     uri = stdout or stderr
     scheme = ""
     if uri:
@@ -156,7 +171,9 @@ async def open_process_io(
     `uid`/`gid` own the container's ends of the pipes (runc's io_uid/io_gid), so a container
     user can reopen /proc/self/fd/1. Waits (without blocking the loop) at most `open_timeout`
     seconds for the client to open its output FIFOs. Raises `StdioError` naming the path that
-    failed, `StdioUnsupported` for terminal. Nothing is left open on failure or cancellation.
+    failed, `StdioUnsupported` for binary:// with a terminal. With `terminal`, copying starts
+    once the pty master is handed over (`attach_console`). Nothing is left open on failure or
+    cancellation.
 
     binary:// needs `reaper` (a started shim.reaper.Reaper: the logger's exit must go to a
     watcher, never look like a container process's) and gets `container_id` and `namespace`
@@ -194,6 +211,11 @@ class ProcessIO:
         self._logger: _Logger | None = None
         self._started = False
         self._closed = False
+        # terminal mode: opened in _open, handed to pumps by attach_console
+        self._terminal = False
+        self._master = -1  # kept for resize until the output reached EOF
+        self._console_out: _Target | None = None
+        self._console_in = -1
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("copying" if self._started else "open")
@@ -225,6 +247,62 @@ class ProcessIO:
         if self._devnull != -1:
             _close(self._devnull)
             self._devnull = -1
+
+    @property
+    def terminal(self) -> bool:
+        return self._terminal
+
+    def attach_console(self, master: int) -> None:
+        """Terminal mode: take ownership of the pty master runc sent and copy through it
+        (master -> stdout, stdin FIFO -> master); copying starts with `start_copying`."""
+        if self._closed or not self._terminal or self._master != -1:
+            _close(master)
+            raise RuntimeError("ProcessIO: not expecting a console")
+        self._master = master
+        os.set_blocking(master, False)
+        # Each pump owns a dup: asyncio keys readiness callbacks by fd, and both use the master.
+        pump = _Pump(self._loop, "stdout", os.dup(master))
+        out, self._console_out = self._console_out, None
+        if out is not None:
+            pump.connect(os.dup(out.fd), out.pollable, splice=False)  # a tty cannot be spliced from
+            if out.hold != -1:
+                pump.hold = os.dup(out.hold)
+            out.close()
+        else:
+            pump.drain_only()  # nobody reads, but the container must never block on a write
+        pump.on_finish = self._console_output_done
+        self._pumps.append(pump)
+        self._output.append(pump)
+        if self._console_in != -1:
+            pump = _Pump(self._loop, "stdin", self._console_in)
+            self._console_in = -1
+            pump.connect(os.dup(master), pollable=True, splice=False)
+            self._pumps.append(pump)
+        if self._started:
+            for pump in self._pumps:
+                pump.start()
+
+    def resize(self, *, width: int, height: int) -> bool:
+        """ResizePty: set the pty's window size. False when there is no (longer a) console."""
+        if self._master == -1:
+            return False
+        from shim.console import resize
+
+        resize(self._master, width=width, height=height)
+        return True
+
+    def _console_output_done(self, flushed: bool) -> None:
+        # Output EOF: every slave fd is closed, nothing can read what stdin would still
+        # forward. Close the master now rather than at Delete (synchronously, so that
+        # whoever sees the output flushed also sees the console gone).
+        if not flushed:
+            return
+        for pump in self._pumps:
+            if pump.name == "stdin":
+                pump.stop()
+        if self._master != -1:
+            _close(self._master)
+            self._master = -1
 
     # -- for the Task API -----------------------------------------------------------------
     def close_stdin(self) -> None:
@@ -258,6 +336,15 @@ class ProcessIO:
             pump.stop()
         self.close_child_ends()
         self.close_stdin()
+        if self._master != -1:
+            _close(self._master)
+            self._master = -1
+        if self._console_out is not None:
+            self._console_out.close()
+            self._console_out = None
+        if self._console_in != -1:
+            _close(self._console_in)
+            self._console_in = -1
         if self._logger is not None:
             self._logger.stop()
 
@@ -278,6 +365,9 @@ class ProcessIO:
         deadline = self._loop.time() + open_timeout
         if plan.create_file:
             _create_log_file(plan.create_file)
+        if plan.terminal:
+            await self._open_terminal(plan, deadline)
+            return
         targets: dict[str, _Target] = {}
         try:
             for index, stream, path in ((1, "stdout", plan.stdout), (2, "stderr", plan.stderr)):
@@ -575,7 +665,7 @@ class _Pump:
     drain (the target failed: read and drop, so the writer on the other side never blocks).
     """
 
-    __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done")
+    __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done", "on_finish")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, src: int) -> None:
         self._loop = loop
@@ -590,17 +680,23 @@ class _Pump:
         self._pending: memoryview | None = None  # read but not yet written (read/write mode)
         #: resolves to True on EOF with everything written (or drained), False when stopped.
         self.done: asyncio.Future[bool] = loop.create_future()
+        #: called with the same value as `done`, synchronously when the pump ends.
+        self.on_finish: Callable[[bool], None] | None = None
 
     def __repr__(self) -> str:
         mode = self._mode.__name__.lstrip("_")
         return f"<_Pump {self.name} {mode} {'done' if self.done.done() else self._waiting or 'idle'}>"
 
-    def connect(self, dst: int, pollable: bool) -> None:
+    def connect(self, dst: int, pollable: bool, splice: bool = True) -> None:
         """Set the target: `pollable` for pipes/FIFOs (epoll works, splice may), False for
         files, which are written with blocking writes (they never wait on a reader)."""
         self.dst = dst
         self._pollable = pollable
-        self._mode = self._splice if (USE_SPLICE and pollable) else self._readwrite
+        self._mode = self._splice if (USE_SPLICE and pollable and splice) else self._readwrite
+
+    def drain_only(self) -> None:
+        """No target: read and drop everything until EOF."""
+        self._mode = self._drain
 
     def start(self) -> None:
         if not self.done.done():
@@ -675,6 +771,10 @@ class _Pump:
                 n = os.readv(self.src, [self._buf])
             except BlockingIOError:
                 return _AGAIN_SRC
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
+                    return _EOF
+                raise
             if n == 0:
                 return _EOF
             self._pending = memoryview(self._buf)[:n]
@@ -696,6 +796,10 @@ class _Pump:
             n = os.readv(self.src, [self._buf])
         except BlockingIOError:
             return _AGAIN_SRC
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
+                return _EOF
+            raise
         return _MORE if n else _EOF
 
     def _target_failed(self, exc: OSError) -> None:
@@ -725,3 +829,6 @@ class _Pump:
         self._pending = None
         self._buf = None
         self.done.set_result(flushed)
+        if self.on_finish is not None:
+            on_finish, self.on_finish = self.on_finish, None
+            on_finish(flushed)

@@ -416,7 +416,7 @@ async def test_open_errors_name_the_path(tmp_path, fifos):
     with pytest.raises(StdioError, match="no reaper"):
         await open_process_io("", "binary:///usr/bin/logger?a=b", "")
     with pytest.raises(NotImplementedError, match="terminal"):
-        await open_process_io(out_path, out_path, "", terminal=True)
+        await open_process_io("", "binary:///usr/bin/logger", "", terminal=True)
     with pytest.raises(StdioError, match="unknown STDIO scheme ttrpc"):
         await open_process_io("", "ttrpc+unix:///run/x.sock?streaming_id=1", "")
     client.close()
@@ -471,8 +471,9 @@ def test_plan_stdio():
     )
     with pytest.raises(StdioError, match="absolute"):
         plan_stdio("", "binary://relative", "")
-    with pytest.raises(StdioUnsupported):
-        plan_stdio("", "/f/out", "", terminal=True)
+    assert plan_stdio("/f/in", "/f/out", "/f/err", terminal=True) == stdio.StdioPlan("/f/in", "/f/out", "", terminal=True)
+    with pytest.raises(StdioUnsupported, match="terminal"):
+        plan_stdio("", "binary:///bin/logger", "", terminal=True)
     with pytest.raises(StdioError, match="absolute"):
         plan_stdio("", "file://relative", "")
     with pytest.raises(StdioError, match="unknown STDIO scheme fifo"):
