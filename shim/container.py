@@ -25,6 +25,10 @@ class Container:
     execs: dict[str, ExecProcess] = field(default_factory=dict)
     #: execs whose `runc exec` is in flight; init's exit waits for them (Shim.tla).
     starting_execs: int = 0
+    #: init's cgroup (shim.cgroups.Cgroup), loaded at Create (or Start); None: no Stats.
+    cgroup: object | None = None
+    #: its armed OOM notification (shim.cgroups.OomWatch), closed at Delete.
+    oom_watch: object | None = None
 
     @property
     def rootfs(self) -> str:

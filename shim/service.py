@@ -92,6 +92,7 @@ class TaskService:
             "Shutdown": self.shutdown,
             "Pause": self.pause,
             "Resume": self.resume,
+            "Stats": self.stats,
         }
         methods = {}
         for name, (request_type, _response_type) in table.items():
@@ -265,6 +266,7 @@ class TaskService:
         init.io = io
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
         self.containers[req.id] = container
+        self._load_cgroup(container)  # now: an OOM right after create must not be missed
         early = next((e for e in early_exits if e.pid == init.pid), None)
         if early is None:
             self._by_pid[init.pid] = init
@@ -296,6 +298,8 @@ class TaskService:
         from shim.runc import RuncError
 
         process.state.check("start")
+        if container.cgroup is None:
+            self._load_cgroup(container)
         self._starting.add(process)
         try:
             await container.runtime.start(container.id)
@@ -535,6 +539,21 @@ class TaskService:
             container.init.state = Running
         self.publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
         return Empty()
+
+    async def stats(self, req: task.StatsRequest, ctx) -> task.StatsResponse:
+        container = self._container(req.id)
+        if container.cgroup is None:
+            raise TtrpcError(Code.NOT_FOUND, f"container {req.id}: no cgroup to read stats from: not found")
+        metrics = container.cgroup.stats()
+        return task.StatsResponse(stats=Any(type_url=container.cgroup.metrics_type, value=bytes(metrics)))
+
+    def _load_cgroup(self, container: Container) -> None:
+        from shim import cgroups
+
+        try:
+            container.cgroup = cgroups.load(container.init.pid)
+        except Exception as exc:  # an unreadable or odd /proc entry: no stats, not a failed task
+            log.warning("%s: cannot load the cgroup of pid %d: %s", container.id, container.init.pid, exc)
 
     async def connect(self, req: task.ConnectRequest, ctx) -> task.ConnectResponse:
         container = self.containers.get(req.id)
