@@ -237,8 +237,18 @@ def is_unified() -> bool:
     return os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
 
 
+def load_container(pid: int) -> Cgroup | None:
+    """The cgroup of a container's init, or None when it is gone, or shares this process's
+    cgroup (the runtime put none around it, or a test runtime): reporting the shim's own
+    usage as the container's, or the shim's OOM kills as its, would be wrong."""
+    cgroup = load(pid)
+    if cgroup is not None and cgroup == load(os.getpid()):
+        return None
+    return cgroup
+
+
 def load(pid: int) -> Cgroup | None:
-    """The cgroup of `pid` (a container's init), or None when it is gone or has none."""
+    """The cgroup of `pid`, or None when it is gone or has none."""
     text = _read(f"/proc/{pid}", "cgroup")
     if text is None:
         return None
@@ -288,6 +298,9 @@ class CgroupV1(Cgroup):
     def __init__(self, directories: dict[str, str]) -> None:
         #: controller -> directory (e.g. "memory" -> /sys/fs/cgroup/memory/ns/id)
         self.directories = directories
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CgroupV1) and other.directories == self.directories
 
     def __repr__(self) -> str:
         return f"CgroupV1({self.directories.get('memory') or next(iter(self.directories.values()), '')})"
@@ -434,6 +447,9 @@ class CgroupV2(Cgroup):
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CgroupV2) and other.directory == self.directory
 
     def __repr__(self) -> str:
         return f"CgroupV2({self.directory})"

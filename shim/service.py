@@ -12,6 +12,9 @@ events. The exit rules (containerd's cmd/containerd-shim-runc-v2/spec/Shim.tla) 
 4. A process is marked exited (status, time, Wait released) before /tasks/exit goes out,
    and only after its output was flushed to the client (bounded).
 5. Signalled processes report 128+signal (the reaper computes it).
+6. /tasks/oom goes out before the /tasks/exit of the init it killed: the kernel signals the
+   OOM before the victim dies, but the loop may see the exit first, so a pending OOM
+   notification is drained before init's exit is published.
 
 Everything runs on one event loop, so the bookkeeping between two awaits is atomic.
 """
@@ -156,6 +159,8 @@ class TaskService:
         if process.io is not None:
             if not await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT):
                 log.warning("%s: output still open %.0fs after exit; publishing the exit", process.id, OUTPUT_FLUSH_TIMEOUT)
+        if container is not None and process is container.init and container.oom_watch is not None:
+            container.oom_watch.poll()  # rule 6
         process.set_exited(exit_.status, exit_.timestamp)  # rule 4
         self.publisher.publish(
             "/tasks/exit",
@@ -394,6 +399,9 @@ class TaskService:
         except RuncError as exc:
             if "does not exist" not in str(exc):
                 raise TtrpcError(Code.UNKNOWN, f"failed to delete task: {exc}") from None
+        if container.oom_watch is not None:
+            container.oom_watch.close()
+            container.oom_watch = None
         if process.io is not None:
             await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT)
         await process.close_io()
@@ -551,9 +559,20 @@ class TaskService:
         from shim import cgroups
 
         try:
-            container.cgroup = cgroups.load(container.init.pid)
+            container.cgroup = cgroups.load_container(container.init.pid)
         except Exception as exc:  # an unreadable or odd /proc entry: no stats, not a failed task
             log.warning("%s: cannot load the cgroup of pid %d: %s", container.id, container.init.pid, exc)
+            return
+        if container.cgroup is None or container.oom_watch is not None:
+            return
+        try:
+            container.oom_watch = container.cgroup.watch_oom(lambda: self._publish_oom(container.id))
+        except OSError as exc:
+            log.warning("%s: cannot watch %r for OOM kills: %s", container.id, container.cgroup, exc)
+
+    def _publish_oom(self, container_id: str) -> None:
+        log.info("%s: OOM kill in its cgroup", container_id)
+        self.publisher.publish("/tasks/oom", events.TaskOom(container_id=container_id))
 
     async def connect(self, req: task.ConnectRequest, ctx) -> task.ConnectResponse:
         container = self.containers.get(req.id)

@@ -6,11 +6,12 @@ machine's cgroup v1 hierarchy (containers are /<namespace>/<id> under each contr
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
 
-from test_lifecycle import PYSHIM, popen_ctr, read_until
+from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until
 
 
 def metrics(e2e, cid: str) -> dict[str, str]:
@@ -57,3 +58,50 @@ def test_metrics_plausible_and_memory_follows_allocation(e2e):
     assert int(before["memory.limit_in_bytes"]) > 2**60  # no limit given: the kernel's "unlimited"
     assert int(before["pids.current"]) >= 1
     assert int(after["cpuacct.usage"]) > int(before["cpuacct.usage"]) > 0
+
+
+def test_oom_kill_published_before_exit(e2e):
+    watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        cid = e2e.new_id()
+        # The shell's command substitution grows to 100 MB in a 32 MiB cgroup: the OOM killer
+        # picks the shell, the container's init.
+        r = e2e.ctr("run", "--rm", "--runtime", PYSHIM, "--memory-limit", "33554432", e2e.image, cid,
+                    "sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived", timeout=120)
+        seen = read_until(watcher.stdout, "/tasks/delete")
+    finally:
+        watcher.kill()
+        watcher.communicate()
+    assert r.returncode == 137, r
+    topics = [m.group(1) for line in seen.splitlines() if cid in line
+              for m in [re.search(r" (/tasks/[a-z-]+) ", line)] if m]
+    assert "/tasks/oom" in topics, seen
+    assert topics.index("/tasks/oom") < topics.index("/tasks/exit"), seen
+
+
+def eventfds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return count
+
+
+def test_oom_eventfd_closed_when_the_container_is_deleted(e2e):
+    # Two containers on one shim: the first keeps it alive while the second comes and goes.
+    group = ("--annotation", f"io.containerd.runc.v2.group=g-{e2e.new_id()}")
+    keeper, passer = e2e.new_id("keep"), e2e.new_id("pass")
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, *group, e2e.image, keeper, "sleep", "600", check=True)
+    try:
+        daemons = [p for p in pyshim_daemons(e2e) if os.readlink(f"/proc/{p}/cwd") == str(e2e.bundle_dir(keeper))]
+        assert len(daemons) == 1
+        assert eventfds(daemons[0]) == 1  # the keeper's OOM watch
+        for _ in range(3):
+            r = e2e.ctr("run", "--rm", "--runtime", PYSHIM, *group, e2e.image, passer, "true")
+            assert r.returncode == 0, r
+        assert eventfds(daemons[0]) == 1
+    finally:
+        stop(e2e, keeper)

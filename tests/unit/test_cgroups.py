@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -189,3 +190,73 @@ async def test_v1_oom_watch_registration_failure_leaks_no_fd(tmp_path):
     with pytest.raises(OSError):
         cgroups.EventfdOomWatch(str(tmp_path), lambda: None)  # no memory.oom_control here
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def eventfds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A fresh cgroup v1 memory cgroup with a 16 MiB limit (root, v1 memory controller only)."""
+    mounts = cgroups.parse_v1_mounts(open("/proc/self/mountinfo").read())
+    if os.geteuid() != 0 or "memory" not in mounts:
+        pytest.skip("needs root and a cgroup v1 memory controller")
+    directory = os.path.join(mounts["memory"][1], f"pyshim-unit-{os.getpid()}")
+    os.mkdir(directory)
+    with open(os.path.join(directory, "memory.limit_in_bytes"), "w") as f:
+        f.write(str(16 << 20))
+    yield directory
+    for _ in range(50):  # the killed process may take a moment to leave it
+        try:
+            os.rmdir(directory)
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            time.sleep(0.1)
+
+
+async def test_v1_oom_watch_sees_a_real_oom_kill_and_closes(memory_cgroup):
+    before = eventfds()
+    seen = []
+    watch = cgroups.CgroupV1({"memory": memory_cgroup}).watch_oom(lambda: seen.append(1))
+    assert eventfds() == before + 1
+    try:
+        hog = await asyncio.create_subprocess_exec(
+            "sh", "-c", f'echo $$ > {memory_cgroup}/cgroup.procs && exec python3 -c "x = b\'a\' * (64 << 20)"')
+        assert await hog.wait() == -9
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == [1]
+        stats = cgroups.CgroupV1({"memory": memory_cgroup}).stats()
+        assert stats.memory_oom_control.oom_kill >= 1 and stats.memory.usage.failcnt > 0
+        assert stats.memory.usage.limit == 16 << 20
+    finally:
+        watch.close()
+    assert eventfds() == before
+
+
+async def test_v1_oom_watch_closes_itself_when_the_cgroup_goes(memory_cgroup):
+    before = eventfds()
+    seen = []
+    cgroups.CgroupV1({"memory": memory_cgroup}).watch_oom(lambda: seen.append(1))
+    os.rmdir(memory_cgroup)  # the kernel signals the eventfd on removal
+    for _ in range(50):
+        if eventfds() == before:
+            break
+        await asyncio.sleep(0.05)
+    assert eventfds() == before and seen == []
+
+
+def test_load_container_refuses_our_own_cgroup():
+    assert cgroups.load(os.getpid()) is not None
+    assert cgroups.load_container(os.getpid()) is None
