@@ -260,11 +260,15 @@ class TaskService:
             io.start_copying()
             io.close_child_ends()
             init.pid = read_pid_file(init.pid_file)
-        except BaseException:
+        except BaseException as exc:
             if io is not None:
                 io.close()
             if mounted:
                 unmount_all(rootfs)
+            if io is not None and not isinstance(exc, asyncio.CancelledError):
+                # A binary:// logger: containerd shuts this shim down right after a failed
+                # Create, so see it gone first (SIGTERM, then SIGKILL after 12 s, as Go does).
+                await io.wait_closed()
             raise
         finally:
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not early_exits]

@@ -189,8 +189,10 @@ async def open_process_io(
             await pio._open_logger(uid, gid, container_id, namespace)
         else:
             await pio._open(plan, uid, gid, open_timeout)
-    except BaseException:
+    except BaseException as exc:
         pio.close()
+        if not isinstance(exc, asyncio.CancelledError):
+            await pio.wait_closed()  # a logger that failed us is gone before Create fails
         raise
     return pio
 
@@ -514,16 +516,19 @@ class _Logger:
             if not ready.done() and not self.exited.done():
                 raise StdioError(f"{self.name} did not signal ready (close or write fd 5) within "
                                  f"{LOGGER_READY_TIMEOUT:g}s", stream="stdout", path=self.argv[0])
-            # A logger that exits also closes fd 5, which looks like readiness. Its exit, or
-            # its stdout reader being gone, tells; the kernel releases an exiting process's
-            # files in no useful order, so give both a moment to show.
+            # A logger that exits also closes fd 5, which looks like readiness: give its exit
+            # a moment to show (the kernel releases an exiting process's files in no useful
+            # order), longer when its stdout reader is already gone.
             if not self.exited.done():
                 await asyncio.wait((self.exited,), timeout=LOGGER_EXIT_GRACE)
-            if self.exited.done() or _no_reader(probe):
+            if not self.exited.done() and _no_reader(probe):
                 await asyncio.wait((self.exited,), timeout=1.0)
-                how = f" with status {self.exited.result().status}" if self.exited.done() else ""
-                raise StdioError(f"{self.name} exited{how} before it was ready", stream="stdout",
-                                 path=self.argv[0])
+                if not self.exited.done():
+                    log.warning("%s closed fd 3 (container stdout): the container's writes to "
+                                "stdout will fail", self.name)
+            if self.exited.done():
+                raise StdioError(f"{self.name} exited with status {self.exited.result().status} before "
+                                 "it was ready", stream="stdout", path=self.argv[0])
         except BaseException:
             self.stop()
             raise

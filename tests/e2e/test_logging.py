@@ -105,3 +105,16 @@ def test_file_log_uri_gets_stdout_and_stderr(e2e, tmp_path):
     # A second container appends to the same file.
     assert run(e2e, "echo", "again", flags=("--log-uri", f"file://{log_file}")).returncode == 0
     assert log_file.read_text().endswith("to-err\nagain\n")
+
+
+def test_logger_that_ignores_sigterm_is_killed_when_create_fails(e2e, tmp_path):
+    # runc create fails (no such executable); the shim then exits, but not before the logger
+    # it started is gone: SIGTERM, 12 s, SIGKILL, as the Go shim.
+    logger = write_script(tmp_path / "stubborn", f"#!/bin/sh\ntrap '' TERM\necho $$ > {tmp_path}/pid\n"
+                                                  "exec 5>&-\nwhile :; do sleep 0.1; done\n")
+    started = time.monotonic()
+    r = run(e2e, "/no/such/binary", flags=("--log-uri", f"binary://{logger}"), timeout=60)
+    assert r.returncode != 0 and "no such file or directory" in r.stderr, r
+    pid = int((tmp_path / "pid").read_text())
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20), "the logger outlived its shim"
+    assert time.monotonic() - started < 30
