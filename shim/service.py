@@ -96,6 +96,7 @@ class TaskService:
             "Pause": self.pause,
             "Resume": self.resume,
             "Stats": self.stats,
+            "Update": self.update,
         }
         methods = {}
         for name, (request_type, _response_type) in table.items():
@@ -558,6 +559,30 @@ class TaskService:
             raise TtrpcError(Code.NOT_FOUND, f"container {req.id}: no cgroup to read stats from: not found")
         metrics = container.cgroup.stats()
         return task.StatsResponse(stats=Any(type_url=container.cgroup.metrics_type, value=bytes(metrics)))
+
+    async def update(self, req: task.UpdateTaskRequest, ctx) -> Empty:
+        import json
+
+        from shim.runc import RuncError
+
+        container = self._container(req.id)
+        container.init.state.check("update")
+        if req.resources is None or not req.resources.value:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {req.id}: update without resources")
+        # containerd marshals the OCI LinuxResources (a Go struct, not a proto) as JSON.
+        try:
+            resources = json.loads(req.resources.value)
+        except ValueError as exc:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT, f"container {req.id}: resources ({req.resources.type_url}) are not JSON: {exc}"
+            ) from None
+        if not isinstance(resources, dict):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {req.id}: resources must be a JSON object")
+        try:
+            await container.runtime.update(container.id, resources)
+        except RuncError as exc:
+            raise TtrpcError(Code.UNKNOWN, f"OCI runtime update failed: {exc}") from None
+        return Empty()
 
     def _load_cgroup(self, container: Container) -> None:
         from shim import cgroups

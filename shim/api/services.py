@@ -10,6 +10,7 @@ Imported only where a ttrpc server or client needs it.
 import betterproto2
 
 from .containerd.services.events.ttrpc import v1 as containerd_services_events_ttrpc_v1
+from .containerd.services.tasks import v1 as containerd_services_tasks_v1
 from .containerd.task import v2 as containerd_task_v2
 from .google import protobuf as google_protobuf
 
@@ -19,6 +20,12 @@ SERVICES: dict[str, dict[str, tuple[MessageType, MessageType]]] = {
     "containerd.services.events.ttrpc.v1.Events": {
         "Forward": (
             containerd_services_events_ttrpc_v1.ForwardRequest,
+            google_protobuf.Empty,
+        ),
+    },
+    "containerd.services.tasks.v1.Tasks": {
+        "Update": (
+            containerd_services_tasks_v1.UpdateTaskRequest,
             google_protobuf.Empty,
         ),
     },

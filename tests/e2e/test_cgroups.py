@@ -6,12 +6,16 @@ machine's cgroup v1 hierarchy (containers are /<namespace>/<id> under each contr
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import subprocess
 import time
 
 from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until
+
+from shim import cgroups
 
 
 def metrics(e2e, cid: str) -> dict[str, str]:
@@ -105,3 +109,72 @@ def test_oom_eventfd_closed_when_the_container_is_deleted(e2e):
         assert eventfds(daemons[0]) == 1
     finally:
         stop(e2e, keeper)
+
+
+class _MessageCodec:
+    """grpclib codec for betterproto2 messages (grpclib's own expects google.protobuf ones)."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message, message_type) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type):
+        return message_type.parse(data)
+
+
+LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+
+
+async def _grpc_update(address: str, namespace: str, cid: str, resources: dict) -> None:
+    """containerd's gRPC Tasks.Update (ctr cannot set memory through `ctr task update` on 1.6)."""
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    from shim.api.containerd.services.tasks.v1 import UpdateTaskRequest
+    from shim.api.google.protobuf import Any, Empty
+
+    channel = Channel(path=address, codec=_MessageCodec())
+    try:
+        request = UpdateTaskRequest(
+            container_id=cid, resources=Any(type_url=LINUX_RESOURCES, value=json.dumps(resources).encode())
+        )
+        async with channel.request("/containerd.services.tasks.v1.Tasks/Update", Cardinality.UNARY_UNARY,
+                                   UpdateTaskRequest, Empty, timeout=30,
+                                   metadata={"containerd-namespace": namespace}) as stream:
+            await stream.send_message(request, end=True)
+            await stream.recv_message()
+    finally:
+        channel.close()
+
+
+def task_pid(e2e, cid: str) -> int:
+    for line in e2e.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"no task {cid}")
+
+
+def test_update_memory_limit_through_containerd(e2e):
+    from grpclib.exceptions import GRPCError
+
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, "--memory-limit", "33554432", e2e.image, cid, "sleep", "600", check=True)
+    try:
+        memory = cgroups.load(task_pid(e2e, cid)).directories["memory"]
+        limit = os.path.join(memory, "memory.limit_in_bytes")
+        assert open(limit).read().strip() == "33554432"
+        asyncio.run(_grpc_update(e2e.address, e2e.namespace, cid, {"memory": {"limit": 67108864}}))
+        assert open(limit).read().strip() == "67108864"
+        assert metrics(e2e, cid)["memory.limit_in_bytes"] == "67108864"
+        # runc's refusal reaches the client with runc's words
+        try:
+            asyncio.run(_grpc_update(e2e.address, e2e.namespace, cid, {"cpu": {"shares": "many"}}))
+        except GRPCError as exc:
+            assert "OCI runtime update failed" in str(exc.message), exc
+        else:
+            raise AssertionError("an update with invalid resources was accepted")
+        assert open(limit).read().strip() == "67108864"
+    finally:
+        stop(e2e, cid)

@@ -260,3 +260,104 @@ async def test_v1_oom_watch_closes_itself_when_the_cgroup_goes(memory_cgroup):
 def test_load_container_refuses_our_own_cgroup():
     assert cgroups.load(os.getpid()) is not None
     assert cgroups.load_container(os.getpid()) is None
+
+
+# -- the service's Stats, Update and OOM ordering (rule 6), with a fake runtime and cgroup ----
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, topic, event) -> None:
+        self.topics.append(topic)
+
+
+class UpdateRuntime:
+    def __init__(self, error: str | None = None) -> None:
+        self.updates: list = []
+        self.error = error
+
+    async def update(self, id, resources) -> None:
+        from shim.runc import RuncError
+
+        if self.error:
+            raise RuncError(self.error, command="update")
+        self.updates.append((id, resources))
+
+
+class PendingOom(cgroups.OomWatch):
+    """An OOM the kernel signalled that the loop has not delivered yet."""
+
+    def __init__(self, on_oom) -> None:
+        self.on_oom, self.pending, self.closed = on_oom, True, False
+
+    def poll(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.on_oom()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_service(tmp_path, runtime=None):
+    from shim.container import Container
+    from shim.options import RuntimeOptions
+    from shim.process import InitProcess, Stdio
+    from shim.service import TaskService
+
+    svc = TaskService("ns", RecordingPublisher(), reaper=None, on_shutdown=lambda: None)
+    init = InitProcess("c1", str(tmp_path), Stdio())
+    init.pid = 4242
+    svc.containers["c1"] = Container("c1", str(tmp_path), "ns", RuntimeOptions(), runtime or UpdateRuntime(), init)
+    return svc, svc.containers["c1"]
+
+
+async def test_stats_without_cgroup_is_not_found_and_with_one_is_metrics(tmp_path):
+    from shim.api.containerd.task import v2 as task
+    from shim.ttrpc.status import Code, TtrpcError
+
+    svc, container = make_service(tmp_path)
+    with pytest.raises(TtrpcError) as err:
+        await svc.stats(task.StatsRequest(id="c1"), None)
+    assert err.value.code == Code.NOT_FOUND
+    (tmp_path / "pids.current").write_text("3\n")
+    container.cgroup = cgroups.CgroupV1({"pids": str(tmp_path)})
+    reply = await svc.stats(task.StatsRequest(id="c1"), None)
+    assert reply.stats.type_url == "io.containerd.cgroups.v1.Metrics"
+    assert v1.Metrics.parse(reply.stats.value).pids.current == 3
+
+
+async def test_update_passes_json_resources_to_the_runtime(tmp_path):
+    from shim.api.containerd.task import v2 as task
+    from shim.api.google.protobuf import Any
+    from shim.ttrpc.status import Code, TtrpcError
+
+    runtime = UpdateRuntime()
+    svc, _ = make_service(tmp_path, runtime)
+    resources = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+                    value=b'{"memory": {"limit": 67108864}}')
+    await svc.update(task.UpdateTaskRequest(id="c1", resources=resources), None)
+    assert runtime.updates == [("c1", {"memory": {"limit": 67108864}})]
+    for bad in (None, Any(type_url="x", value=b"{nope"), Any(type_url="x", value=b"[1]")):
+        with pytest.raises(TtrpcError) as err:
+            await svc.update(task.UpdateTaskRequest(id="c1", resources=bad), None)
+        assert err.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_update_runtime_error_is_reported_with_its_text(tmp_path):
+    from shim.api.containerd.task import v2 as task
+    from shim.api.google.protobuf import Any
+    from shim.ttrpc.status import TtrpcError
+
+    svc, _ = make_service(tmp_path, UpdateRuntime(error="cannot set memory limit: device or resource busy"))
+    with pytest.raises(TtrpcError, match="OCI runtime update failed: cannot set memory limit: device or resource busy"):
+        await svc.update(task.UpdateTaskRequest(id="c1", resources=Any(type_url="x", value=b"{}")), None)
+
+
+async def test_pending_oom_is_published_before_init_exit(tmp_path):
+    from shim.reaper import Exit
+
+    svc, container = make_service(tmp_path)
+    container.oom_watch = PendingOom(lambda: svc._publish_oom("c1"))
+    await svc._process_exit(container.init, Exit(pid=4242, status=137, timestamp=time.time_ns()))
+    assert svc.publisher.topics == ["/tasks/oom", "/tasks/exit"]
