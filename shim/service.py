@@ -200,6 +200,7 @@ class TaskService:
 
     # -- Task API -------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
+        from shim.console import attach_console
         from shim.mount import mount_all, unmount_all
         from shim.runc import Runc, RuncError
         from shim.stdio import open_process_io
@@ -210,8 +211,6 @@ class TaskService:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         if req.checkpoint:
             raise TtrpcError(Code.UNIMPLEMENTED, "restore from a checkpoint is not implemented yet")
-        if req.terminal:
-            raise TtrpcError(Code.UNIMPLEMENTED, "terminal (tty) containers are not implemented yet")
         bundle = req.bundle
         try:
             options = RuntimeOptions.from_any(req.options)
@@ -242,20 +241,23 @@ class TaskService:
         early_exits: list = []
         self._exec_start_collectors.append(early_exits)
         try:
-            io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, uid=options.io_uid, gid=options.io_gid,
+            io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, terminal=stdio.terminal,
+                                       uid=options.io_uid, gid=options.io_gid,
                                        container_id=req.id, namespace=self.namespace, reaper=self.reaper)
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
             try:
-                await runtime.create(
-                    req.id,
-                    bundle,
-                    pid_file=init.pid_file,
-                    stdin=stdin_fd,
-                    stdout=stdout_fd,
-                    stderr=stderr_fd,
-                    no_pivot=options.no_pivot_root,
-                    no_new_keyring=options.no_new_keyring,
-                )
+                async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
+                    await runtime.create(
+                        req.id,
+                        bundle,
+                        pid_file=init.pid_file,
+                        console_socket=console_socket,
+                        stdin=stdin_fd,
+                        stdout=stdout_fd,
+                        stderr=stderr_fd,
+                        no_pivot=options.no_pivot_root,
+                        no_new_keyring=options.no_new_keyring,
+                    )
             except RuncError as exc:
                 raise TtrpcError(Code.UNKNOWN, f"OCI runtime create failed: {exc}") from None
             io.start_copying()
@@ -326,6 +328,7 @@ class TaskService:
         return task.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
+        from shim.console import attach_console
         from shim.runc import RuncError
         from shim.stdio import open_process_io
 
@@ -341,7 +344,7 @@ class TaskService:
         self._starting.add(process)
         try:
             io = await open_process_io(
-                process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
+                process.stdio.stdin, process.stdio.stdout, process.stdio.stderr, terminal=process.stdio.terminal,
                 uid=container.options.io_uid, gid=container.options.io_gid,
                 container_id=container.id, namespace=self.namespace, reaper=self.reaper,
             )
@@ -352,10 +355,11 @@ class TaskService:
                 io.close_stdin()
             try:
                 stdin_fd, stdout_fd, stderr_fd = io.child_fds()
-                await container.runtime.exec(
-                    container.id, process.spec, pid_file=process.pid_file,
-                    stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
-                )
+                async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
+                    await container.runtime.exec(
+                        container.id, process.spec, pid_file=process.pid_file, console_socket=console_socket,
+                        stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
+                    )
                 io.start_copying()
                 io.close_child_ends()
                 process.pid = read_pid_file(process.pid_file)
@@ -440,8 +444,6 @@ class TaskService:
         if not req.exec_id:
             raise TtrpcError(Code.INVALID_ARGUMENT, "exec id must not be empty")
         container.init.state.check("exec")
-        if req.terminal:
-            raise TtrpcError(Code.UNIMPLEMENTED, "terminal (tty) execs are not implemented yet")
         try:
             spec = json.loads(req.spec.value) if req.spec is not None else {}
         except ValueError as exc:
@@ -522,8 +524,14 @@ class TaskService:
         return Empty()
 
     async def resize_pty(self, req: task.ResizePtyRequest, ctx) -> Empty:
-        self._container(req.id).process(req.exec_id)
-        return Empty()  # no console: nothing to resize (the Go shim answers the same)
+        process = self._container(req.id).process(req.exec_id)
+        resize = getattr(process.io, "resize", None)
+        if resize is not None:
+            try:
+                resize(width=req.width, height=req.height)
+            except OSError as exc:
+                raise TtrpcError(Code.UNKNOWN, f"resizing the console of {process.id}: {exc}") from None
+        return Empty()  # no console (any more): nothing to resize, as the Go shim answers
 
     async def pause(self, req: task.PauseRequest, ctx) -> Empty:
         from shim.process import Paused
