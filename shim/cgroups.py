@@ -86,12 +86,11 @@ def parse_v1_mounts(mountinfo: str) -> dict[str, tuple[str, str]]:
             continue
         root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
         for option in tail[2].split(","):
-            controller = option
-            if option.startswith("name="):
-                controller = option  # name=systemd is keyed as /proc/<pid>/cgroup shows it
-            elif option in ("rw", "ro") or "=" in option:
+            # Super options are the controllers, plus rw/ro and key=value flags; name=systemd
+            # stays whole, as /proc/<pid>/cgroup names that hierarchy.
+            if option in ("rw", "ro") or ("=" in option and not option.startswith("name=")):
                 continue
-            mounts.setdefault(controller, (root, mountpoint))
+            mounts.setdefault(option, (root, mountpoint))
     return mounts
 
 
