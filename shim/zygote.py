@@ -249,10 +249,12 @@ PRELOAD = (
     "shim.daemon",  # first: it keeps asyncio from importing ssl
     "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource", "shim.cli",
     "shim.events", "shim.reaper", "shim.service", "shim.ttrpc.server", "shim.ttrpc.client",
-    "shim.api.services", "shim.runc", "shim.stdio", "shim.mount", "shim.container",
+    "shim.api.services", "shim.runc", "shim.stdio", "shim.console", "shim.cgroups", "shim.mount",
+    "shim.container",
     "shim.process", "shim.options", "shim.api.containerd.events", "shim.api.containerd.task.v2",
     "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
     "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
+    "shim.api.io.containerd.cgroups.v1", "shim.api.io.containerd.cgroups.v2",
 )
 
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
