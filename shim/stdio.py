@@ -768,20 +768,24 @@ class _Pump:
             return _MORE
         return _MORE if n else _EOF
 
+    def _read_chunk(self) -> int:
+        """Read into the buffer: bytes read, 0 at EOF, -1 when nothing is there yet."""
+        if self._buf is None:
+            self._buf = bytearray(_CHUNK)
+        try:
+            return os.readv(self.src, [self._buf])
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
+                return 0
+            raise
+
     def _readwrite(self) -> int:
         if self._pending is None:
-            if self._buf is None:
-                self._buf = bytearray(_CHUNK)
-            try:
-                n = os.readv(self.src, [self._buf])
-            except BlockingIOError:
-                return _AGAIN_SRC
-            except OSError as exc:
-                if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
-                    return _EOF
-                raise
-            if n == 0:
-                return _EOF
+            n = self._read_chunk()
+            if n <= 0:
+                return _AGAIN_SRC if n < 0 else _EOF
             self._pending = memoryview(self._buf)[:n]
         try:
             n = os.write(self.dst, self._pending)
@@ -795,17 +799,8 @@ class _Pump:
         return _MORE
 
     def _drain(self) -> int:
-        if self._buf is None:
-            self._buf = bytearray(_CHUNK)
-        try:
-            n = os.readv(self.src, [self._buf])
-        except BlockingIOError:
-            return _AGAIN_SRC
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
-                return _EOF
-            raise
-        return _MORE if n else _EOF
+        n = self._read_chunk()
+        return _AGAIN_SRC if n < 0 else (_MORE if n else _EOF)
 
     def _target_failed(self, exc: OSError) -> None:
         if self.name == "stdin":
