@@ -67,6 +67,8 @@ DELETE_IMPORTS = ("shim.delete, shim.options, shim.mount, subprocess, datetime, 
 
 TARGET_RATIO = 1.5
 TARGET_PRIVATE_MIB = 20.0
+TARGET_EXEC_RATIO = 1.5
+TARGET_STDIO_RATIO = 0.8
 
 _quiet = False
 
@@ -378,6 +380,128 @@ class Bench:
             progress("idle memory: killing and removing the idle containers")
             self.c.cleanup_namespace(self.ns, timeout=20)
 
+    # exec and stdio ---------------------------------------------------------------------------
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        return [str(self.c.bin_dir / "ctr"), "--address", self.c.address, "--namespace",
+                self.ns, *args]
+
+    def spawn_all(self, argvs: list[list[str]], timeout: float = 120) -> float:
+        """Start every argv at once (stdout to /dev/null) and wait for all; wall seconds from
+        the first spawn until the last exit. Kills whatever is still running on any error."""
+        procs: list[subprocess.Popen] = []
+        try:
+            t = time.perf_counter()
+            for argv in argvs:
+                procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                              env=self.c.env(), cwd=self.c.dir))
+            deadline = time.monotonic() + timeout
+            errs = []
+            for p in procs:
+                _out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                if p.returncode != 0:
+                    errs.append(f"{' '.join(p.args)} exited {p.returncode}: "
+                                f"{err.decode(errors='replace').strip()}")
+            wall = time.perf_counter() - t
+            if errs:
+                raise BenchError(f"{len(errs)} of {len(procs)} failed, e.g. {errs[0]}\n"
+                                 f"--- containerd log tail ---\n{self.c.log_tail(30)}")
+            return wall
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"timed out after {timeout}s: {exc.cmd}") from None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+    def execs(self) -> dict:
+        """exec latency (`ctr task exec ... true`, alternating pairs, one container per runtime)
+        and 50 concurrent execs per round (3 rounds, the runtime order alternating)."""
+        a = self.args
+        cids = {rt: f"exec-{SHORT[rt].replace('-', '')}" for rt in (PYSHIM, RUNC)}
+        progress(f"exec: {a.warmup} warm-up + {a.pairs} pairs of `ctr task exec <cid> true`, "
+                 f"then {a.exec_rounds} rounds of {a.exec_concurrent} concurrent execs")
+        try:
+            for rt, cid in cids.items():
+                self.note(cid)
+                self.ctr("run", "-d", "--runtime", rt, e2e.IMAGE_REF, cid, "sleep", "3600")
+            ms: dict[str, list[float]] = {PYSHIM: [], RUNC: []}
+            ratios = []
+            for i in range(a.warmup + a.pairs):
+                order = (PYSHIM, RUNC) if i % 2 == 0 else (RUNC, PYSHIM)
+                pair = {}
+                for rt in order:
+                    t = time.perf_counter()
+                    self.ctr("task", "exec", "--exec-id", f"e{i}", cids[rt], "true")
+                    pair[rt] = (time.perf_counter() - t) * 1000
+                if i >= a.warmup:
+                    for rt in order:
+                        ms[rt].append(pair[rt])
+                    ratios.append(pair[PYSHIM] / pair[RUNC])
+            out: dict = {"runtimes": {rt: {"median": median(v), "p10": percentile(v, 10),
+                                           "p90": percentile(v, 90)} for rt, v in ms.items()},
+                         "ratio": median(ratios), "ratio_p10": percentile(ratios, 10),
+                         "ratio_p90": percentile(ratios, 90)}
+            n = a.exec_concurrent
+            walls: dict[str, list[float]] = {PYSHIM: [], RUNC: []}
+            cratios = []
+            for r in range(a.exec_rounds):
+                order = (PYSHIM, RUNC) if r % 2 == 0 else (RUNC, PYSHIM)
+                pair = {}
+                for rt in order:
+                    argvs = [self.ctr_argv("task", "exec", "--exec-id", f"c{r}-{j}", cids[rt],
+                                           "true") for j in range(n)]
+                    pair[rt] = self.spawn_all(argvs) * 1000
+                    walls[rt].append(pair[rt])
+                cratios.append(pair[PYSHIM] / pair[RUNC])
+            out["concurrent"] = {"n": n, "rounds": a.exec_rounds,
+                                 "runtimes": {rt: median(v) for rt, v in walls.items()},
+                                 "ratio": median(cratios), "ratios": cratios}
+            return out
+        finally:
+            progress("exec: killing and removing the exec containers")
+            self.c.cleanup_namespace(self.ns, timeout=20)
+
+    def stdio(self) -> dict:
+        """`ctr run --rm IMAGE <id> sh -c 'head -c N /dev/zero'` with ctr's stdout on /dev/null,
+        alternating with a `ctr run --rm IMAGE <id> true` baseline of the same runtime: the
+        throughput is N over (wall - baseline), i.e. the copy path alone (container -> shim ->
+        FIFO -> ctr) without the create/start/delete cost the lifecycle figure already has."""
+        a = self.args
+        size = a.stdio_mib * 1024 * 1024
+        progress(f"stdio: {a.stdio_runs} rounds of {a.stdio_mib} MiB to ctr's stdout and a "
+                 "`true` baseline, per runtime")
+        walls: dict[str, list[float]] = {PYSHIM: [], RUNC: []}
+        bases: dict[str, list[float]] = {PYSHIM: [], RUNC: []}
+        for i in range(a.stdio_runs + 1):  # round 0 is a warm-up
+            order = (PYSHIM, RUNC) if i % 2 == 0 else (RUNC, PYSHIM)
+            for rt in order:
+                short = SHORT[rt].replace("-", "")
+                base = self.run_rm(rt, f"sb-{i:02d}-{short}")["wall"]
+                cid = f"st-{i:02d}-{short}"
+                self.note(cid)
+                wall = self.spawn_all([self.ctr_argv(
+                    "run", "--rm", "--runtime", rt, e2e.IMAGE_REF, cid,
+                    "sh", "-c", f"head -c {size} /dev/zero")])
+                if i:
+                    walls[rt].append(wall)
+                    bases[rt].append(base)
+        out: dict = {"mib": a.stdio_mib, "runs": a.stdio_runs, "runtimes": {}}
+        for rt in (PYSHIM, RUNC):
+            w, b = median(walls[rt]), median(bases[rt])
+            net = w - b
+            out["runtimes"][rt] = {
+                "wall_ms": w * 1000, "base_ms": b * 1000,
+                "gross_mib_s": a.stdio_mib / w,
+                "mib_s": a.stdio_mib / net if net > 0 else float("nan"),
+            }
+        py, rc = out["runtimes"][PYSHIM], out["runtimes"][RUNC]
+        out["ratio"] = py["mib_s"] / rc["mib_s"]
+        out["gross_ratio"] = py["gross_mib_s"] / rc["gross_mib_s"]
+        return out
+
     def import_memory(self) -> list[tuple[str, dict[str, int]]]:
         """Private memory of a bare interpreter and after importing what the daemon imports
         (each a fresh process of ours, measured while it waits on stdin, then ended)."""
@@ -674,7 +798,8 @@ def mib(kb: float) -> float:
     return kb / 1024
 
 
-def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | None) -> str:
+def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | None,
+           ex: dict | None = None, st: dict | None = None) -> str:
     out = []
     w = out.append
     w(f"pyshim vs containerd-shim-runc-v2 on containerd {info['containerd']} "
@@ -721,6 +846,32 @@ def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | N
         [label, fmt(mib(private_kb(roll)), 2), fmt(mib(roll.get("Pss", 0)), 2),
          fmt(mib(private_kb(roll) - private_kb(base)), 2)] for label, roll in imem
     ], indent="    "))
+    if ex:
+        w("")
+        w(f"2b. Exec: `ctr task exec --exec-id e<i> <cid> true` into one `sleep 3600` container "
+          f"per runtime, {info['pairs']} pairs after {info['warmup']} warm-up pairs (ms)")
+        w(table(["runtime", "median", "p10", "p90"], [
+            [SHORT[rt], fmt(s["median"]), fmt(s["p10"]), fmt(s["p90"])]
+            for rt, s in ex["runtimes"].items()
+        ]))
+        w(f"  median of per-pair ratios pyshim/runc-v2: {ex['ratio']:.2f} "
+          f"(p10 {ex['ratio_p10']:.2f}, p90 {ex['ratio_p90']:.2f}; target <= {TARGET_EXEC_RATIO})")
+        cc = ex["concurrent"]
+        w(f"  {cc['n']} concurrent execs, wall until all finished (median of {cc['rounds']} "
+          "rounds, ms): " + ", ".join(f"{SHORT[rt]} {fmt(v)}" for rt, v in cc["runtimes"].items())
+          + f"; ratio {cc['ratio']:.2f} (rounds: "
+          + ", ".join(f"{x:.2f}" for x in cc["ratios"]) + ")")
+    if st:
+        w("")
+        w(f"2c. Stdio: `ctr run --rm IMAGE <id> sh -c 'head -c {st['mib']} MiB /dev/zero'`, ctr's "
+          f"stdout on /dev/null, median of {st['runs']} runs; net = {st['mib']} MiB / (wall - "
+          "the same runtime's `true` run)")
+        w(table(["runtime", "wall ms", "true ms", "net MiB/s", "gross MiB/s"], [
+            [SHORT[rt], fmt(s["wall_ms"]), fmt(s["base_ms"]), fmt(s["mib_s"]),
+             fmt(s["gross_mib_s"])] for rt, s in st["runtimes"].items()
+        ]))
+        w(f"  throughput ratio pyshim/runc-v2: net {fmt(st['ratio'], 2)} (gross "
+          f"{fmt(st['gross_ratio'], 2)}; target >= {TARGET_STDIO_RATIO})")
     w("")
     w(f"3. Start cost (median of {info['repeat']} runs, ms)")
     w(table(["command", "wall"], [
@@ -804,6 +955,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=30, help="measured lifecycle pairs (30)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up pairs, not measured (3)")
     ap.add_argument("--idle", type=int, default=5, help="idle containers per runtime (5)")
+    ap.add_argument("--no-exec", action="store_true",
+                    help="skip the exec latency and concurrent exec measurements")
+    ap.add_argument("--exec-concurrent", type=int, default=50, metavar="N",
+                    help="execs started at once per round (50)")
+    ap.add_argument("--exec-rounds", type=int, default=3,
+                    help="rounds of concurrent execs, runtime order alternating (3)")
+    ap.add_argument("--no-stdio", action="store_true", help="skip the stdio throughput runs")
+    ap.add_argument("--stdio-mib", type=int, default=20,
+                    help="MiB the container writes to its stdout (20)")
+    ap.add_argument("--stdio-runs", type=int, default=5,
+                    help="measured stdio runs per runtime, after one warm-up (5)")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds the idle shims get before they are measured (2)")
     ap.add_argument("--repeat", type=int, default=10,
@@ -821,6 +983,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.pairs < 1 or a.idle < 1 or a.repeat < 1 or a.warmup < 0 or a.profile < 0:
         ap.error("--pairs, --idle and --repeat must be >= 1; --warmup, --profile >= 0")
+    if a.exec_concurrent < 1 or a.exec_rounds < 1 or a.stdio_mib < 1 or a.stdio_runs < 1:
+        ap.error("--exec-concurrent, --exec-rounds, --stdio-mib and --stdio-runs must be >= 1")
     return a
 
 
@@ -856,13 +1020,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         lc = bench.lifecycle()
         mem = bench.idle_memory()
+        ex = None if args.no_exec else bench.execs()
+        st = None if args.no_stdio else bench.stdio()
         imem = bench.import_memory()
         sc = bench.start_cost()
         prof = bench.profile() if args.profile else None
         if not args.json_only:
-            print(report(info, lc, mem, imem, sc, prof))
+            print(report(info, lc, mem, imem, sc, prof, ex, st))
             print()
-        print(json.dumps(summary(info, lc, mem, sc, prof)), flush=True)
+        print(json.dumps(summary(info, lc, mem, sc, prof, ex, st)), flush=True)
     except KeyboardInterrupt:
         print("\nbench: interrupted; cleaning up", file=sys.stderr)
         rc = 130
@@ -891,7 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None) -> dict:
+def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
+            ex: dict | None = None, st: dict | None = None) -> dict:
     py, rc = lc["runtimes"][PYSHIM], lc["runtimes"][RUNC]
     p, r = mem[PYSHIM], mem[RUNC]
     out = {
@@ -919,6 +1086,20 @@ def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None) -> dic
         "meets_ratio_target": lc["ratio"] <= TARGET_RATIO,
         "meets_private_target": mib(p["private"]) <= TARGET_PRIVATE_MIB,
     }
+    if ex:
+        out["exec_ratio"] = r2(ex["ratio"], 3)
+        out["exec_pyshim_ms"] = r2(ex["runtimes"][PYSHIM]["median"])
+        out["exec_runc_ms"] = r2(ex["runtimes"][RUNC]["median"])
+        out["exec50_ratio"] = r2(ex["concurrent"]["ratio"], 3)
+        out["exec50_pyshim_ms"] = r2(ex["concurrent"]["runtimes"][PYSHIM])
+        out["exec50_runc_ms"] = r2(ex["concurrent"]["runtimes"][RUNC])
+        out["meets_exec_target"] = ex["ratio"] <= TARGET_EXEC_RATIO
+    if st:
+        out["stdio_mib_s_pyshim"] = r2(st["runtimes"][PYSHIM]["mib_s"], 1)
+        out["stdio_mib_s_runc"] = r2(st["runtimes"][RUNC]["mib_s"], 1)
+        out["stdio_ratio"] = r2(st["ratio"], 3)
+        out["stdio_gross_ratio"] = r2(st["gross_ratio"], 3)
+        out["meets_stdio_target"] = st["ratio"] >= TARGET_STDIO_RATIO
     if prof:
         out["profile_ms"] = {k: r2(v) for k, v in prof["durations"].items()}
         out["profile_timeline_ms"] = {k: r2(v) for v, k in prof["timeline"]}
