@@ -17,6 +17,12 @@ fresh namespace, then:
 2. idle memory: K detached `sleep 3600` containers per runtime; each shim daemon (the parent
    of the container's init, checked by its cmdline) is measured from /proc/<pid>/smaps_rollup:
    Pss and private (Private_Clean + Private_Dirty).
+2b. exec (--no-exec to skip): one detached `sleep 3600` container per runtime, then pairs of
+   `ctr task exec --exec-id e<i> <cid> true` alternating between them (median per-pair ratio),
+   and 3 rounds of 50 execs started at once (wall until all finished, median ratio).
+2c. stdio (--no-stdio to skip): `ctr run --rm IMAGE <id> sh -c 'head -c 20MiB /dev/zero'` with
+   ctr's stdout on /dev/null, each next to the same run writing 0 bytes; MiB/s over the
+   difference (the copy path without the lifecycle cost) and over the whole wall.
 3. start cost: `containerd-shim-pyshim-v2 -v`, the bare interpreter, and `python -X
    importtime` of what the start command, the daemon and the delete command import.
 4. profile (--profile N runs, 0 to skip): pyshim through a traced entry point
