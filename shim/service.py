@@ -22,9 +22,10 @@ Everything runs on one event loop, so the bookkeeping between two awaits is atom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from shim.api.containerd import events
 from shim.api.containerd.task import v2 as task
@@ -33,6 +34,7 @@ from shim.api.google.protobuf import Any, Empty
 from shim.container import Container
 from shim.options import RuntimeOptions
 from shim.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
+from shim.runc import RuncError
 from shim.ttrpc.status import Code, TtrpcError
 
 log = logging.getLogger("shim.service")
@@ -54,6 +56,15 @@ def check_kill_error(err: Exception) -> TtrpcError:
     if "does not exist" in text:
         return TtrpcError(Code.NOT_FOUND, "no such container: not found")
     return TtrpcError(Code.UNKNOWN, f"unknown error after kill: {text}")
+
+
+@contextlib.contextmanager
+def runtime_errors(what: str) -> Iterator[None]:
+    """A runtime failure as the status the Go shim returns: UNKNOWN, "<what>: <runc's own text>"."""
+    try:
+        yield
+    except RuncError as exc:
+        raise TtrpcError(Code.UNKNOWN, f"{what}: {exc}") from None
 
 
 class TaskService:
@@ -202,7 +213,7 @@ class TaskService:
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
         from shim.console import attach_console
         from shim.mount import mount_all, unmount_all
-        from shim.runc import Runc, RuncError
+        from shim.runc import Runc
         from shim.stdio import open_process_io
 
         if not req.id:
@@ -245,7 +256,7 @@ class TaskService:
                                        uid=options.io_uid, gid=options.io_gid,
                                        container_id=req.id, namespace=self.namespace, reaper=self.reaper)
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
-            try:
+            with runtime_errors("OCI runtime create failed"):
                 async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
                     await runtime.create(
                         req.id,
@@ -258,8 +269,6 @@ class TaskService:
                         no_pivot=options.no_pivot_root,
                         no_new_keyring=options.no_new_keyring,
                     )
-            except RuncError as exc:
-                raise TtrpcError(Code.UNKNOWN, f"OCI runtime create failed: {exc}") from None
             io.start_copying()
             io.close_child_ends()
             init.pid = read_pid_file(init.pid_file)
@@ -307,8 +316,6 @@ class TaskService:
             raise TtrpcError(Code.UNKNOWN, "cannot start a running process")
         if isinstance(process, ExecProcess):
             return await self._start_exec(container, process)
-        from shim.runc import RuncError
-
         process.state.check("start")
         if container.cgroup is None:
             self._load_cgroup(container)
@@ -329,7 +336,6 @@ class TaskService:
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
         from shim.console import attach_console
-        from shim.runc import RuncError
         from shim.stdio import open_process_io
 
         init = container.init
@@ -400,8 +406,6 @@ class TaskService:
             del container.execs[process.id]
             return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
         from shim.mount import unmount_all
-        from shim.runc import RuncError
-
         process.state.check("delete")
         try:
             await container.runtime.delete(container.id, force=False)
@@ -477,8 +481,7 @@ class TaskService:
         if process.has_exited or process.state in (Stopped, Deleted):
             raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
         if isinstance(process, InitProcess):
-            from shim.runc import RuncError
-
+    
             try:
                 await container.runtime.kill(container.id, req.signal, all=req.all)
             except RuncError as exc:
@@ -500,13 +503,9 @@ class TaskService:
     async def pids(self, req: task.PidsRequest, ctx) -> task.PidsResponse:
         from shim.api.containerd.runc.v1 import ProcessDetails
         from shim.api.containerd.v1.types import ProcessInfo
-        from shim.runc import RuncError
-
         container = self._container(req.id)
-        try:
+        with runtime_errors("failed to list pids"):
             pids = await container.runtime.ps(container.id)
-        except RuncError as exc:
-            raise TtrpcError(Code.UNKNOWN, f"failed to list pids: {exc}") from None
         exec_of = {e.pid: e.id for e in container.execs.values() if e.pid}
         processes = []
         for pid in pids:
@@ -535,27 +534,19 @@ class TaskService:
 
     async def pause(self, req: task.PauseRequest, ctx) -> Empty:
         from shim.process import Paused
-        from shim.runc import RuncError
-
         container = self._container(req.id)
         container.init.state.check("pause")
-        try:
+        with runtime_errors("OCI runtime pause failed"):
             await container.runtime.pause(container.id)
-        except RuncError as exc:
-            raise TtrpcError(Code.UNKNOWN, f"OCI runtime pause failed: {exc}") from None
         container.init.state = Paused
         self.publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
         return Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx) -> Empty:
-        from shim.runc import RuncError
-
         container = self._container(req.id)
         container.init.state.check("resume")
-        try:
+        with runtime_errors("OCI runtime resume failed"):
             await container.runtime.resume(container.id)
-        except RuncError as exc:
-            raise TtrpcError(Code.UNKNOWN, f"OCI runtime resume failed: {exc}") from None
         if not container.init.has_exited:
             container.init.state = Running
         self.publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
@@ -571,8 +562,6 @@ class TaskService:
     async def update(self, req: task.UpdateTaskRequest, ctx) -> Empty:
         import json
 
-        from shim.runc import RuncError
-
         container = self._container(req.id)
         container.init.state.check("update")
         if req.resources is None or not req.resources.value:
@@ -586,10 +575,8 @@ class TaskService:
             ) from None
         if not isinstance(resources, dict):
             raise TtrpcError(Code.INVALID_ARGUMENT, f"container {req.id}: resources must be a JSON object")
-        try:
+        with runtime_errors("OCI runtime update failed"):
             await container.runtime.update(container.id, resources)
-        except RuncError as exc:
-            raise TtrpcError(Code.UNKNOWN, f"OCI runtime update failed: {exc}") from None
         return Empty()
 
     def _load_cgroup(self, container: Container) -> None:
