@@ -48,7 +48,8 @@ The stdout FIFO (or file) and the stdin FIFO are opened up front exactly as abov
 unused (the pty merges it). Pumps: master -> stdout, stdin FIFO -> master. The master reads
 EIO once the last slave fd is closed (the process and whatever inherited the tty exited): that
 is the output's EOF, and then the master is closed (stdin pump stopped too), so a terminal
-process's `wait_output_flushed` means the same as with pipes. `resize` sets its window size.
+process's `wait_output_flushed` means the same as with pipes. EOF on stdin (after CloseIO)
+hangs the console up, as in the Go shim. `resize` sets its window size.
 """
 
 from __future__ import annotations
@@ -101,10 +102,6 @@ class StdioError(Exception):
         self.path = path
 
 
-class StdioUnsupported(StdioError, NotImplementedError):
-    """A stdio mode this shim does not implement yet (binary:// with a terminal)."""
-
-
 @dataclass(frozen=True, slots=True)
 class StdioPlan:
     """What the three strings mean. Paths are '' for /dev/null."""
@@ -131,8 +128,8 @@ def plan_stdio(stdin: str, stdout: str, stderr: str, *, terminal: bool = False) 
         # The pty is the container's stdout and stderr at once; containerd sends stderr ''.
         plan = plan_stdio(stdin, stdout, "")
         if plan.logger:
-            raise StdioUnsupported(f"binary:// logging with a terminal is not supported yet: {stdout!r}",
-                                   stream="stdout", path=stdout)
+            # The logger reads the pty's output on its fd 3; stdin still comes from the FIFO.
+            return StdioPlan(stdin, "", "", terminal=True, logger=plan.logger)
         return StdioPlan(plan.stdin, plan.stdout, "", plan.create_file, terminal=True)
     uri = stdout or stderr
     scheme = ""
@@ -171,7 +168,7 @@ async def open_process_io(
     `uid`/`gid` own the container's ends of the pipes (runc's io_uid/io_gid), so a container
     user can reopen /proc/self/fd/1. Waits (without blocking the loop) at most `open_timeout`
     seconds for the client to open its output FIFOs. Raises `StdioError` naming the path that
-    failed, `StdioUnsupported` for binary:// with a terminal. With `terminal`, copying starts
+    failed. With `terminal`, copying starts
     once the pty master is handed over (`attach_console`). Nothing is left open on failure or
     cancellation.
 
@@ -186,7 +183,10 @@ async def open_process_io(
             if reaper is None:
                 raise StdioError(f"binary logger {plan.logger[0]}: no reaper to run it", stream="stdout")
             pio._logger = _Logger(plan.logger, reaper)
-            await pio._open_logger(uid, gid, container_id, namespace)
+            if plan.terminal:
+                await pio._open_terminal_logger(plan, container_id, namespace)
+            else:
+                await pio._open_logger(uid, gid, container_id, namespace)
         else:
             await pio._open(plan, uid, gid, open_timeout)
     except BaseException as exc:
@@ -279,6 +279,7 @@ class ProcessIO:
             pump = _Pump(self._loop, "stdin", self._console_in)
             self._console_in = -1
             pump.connect(os.dup(master), pollable=True, splice=False)
+            pump.on_finish = self._console_input_done
             self._pumps.append(pump)
         if self._started:
             for pump in self._pumps:
@@ -292,6 +293,19 @@ class ProcessIO:
 
         resize(self._master, width=width, height=height)
         return True
+
+    def _console_input_done(self, eof: bool) -> None:
+        # stdin reached EOF (CloseIO, then the client closed its end: CRI does this when a
+        # `kubectl exec -it` session ends). Like the Go shim, hang up the console: every
+        # master fd closed, so the process on the slave gets SIGHUP instead of living on
+        # with nobody to talk to. Output not yet read from the pty is dropped, as there.
+        if not eof or self._master == -1:
+            return
+        log.debug("stdin reached EOF: closing the console")
+        for pump in self._output:
+            pump.stop()
+        _close(self._master)
+        self._master = -1
 
     def _console_output_done(self, flushed: bool) -> None:
         # Output EOF: every slave fd is closed, nothing can read what stdin would still
@@ -416,6 +430,18 @@ class ProcessIO:
         for fd in (out, err):
             os.set_blocking(fd, True)  # the logger may well do blocking reads
         await self._logger.start(out, err, container_id, namespace, self._child[1])
+
+    async def _open_terminal_logger(self, plan: StdioPlan, container_id: str, namespace: str) -> None:
+        """binary:// with a terminal (as the Go shim does it): the pty's output goes into a
+        pipe read by the logger as fd 3; its fd 4 only ever sees EOF (the pty merges stderr)."""
+        assert self._logger is not None
+        await self._open_terminal(plan, deadline=0.0)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        _close(err_w)
+        os.set_blocking(out_w, False)
+        self._console_out = _Target(out_w, -1, pollable=True)
+        await self._logger.start(out_r, err_r, container_id, namespace, out_w)
 
     async def _open_terminal(self, plan: StdioPlan, deadline: float) -> None:
         self._terminal = True

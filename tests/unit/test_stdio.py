@@ -16,7 +16,7 @@ import time
 import pytest
 
 from shim import stdio
-from shim.stdio import StdioError, StdioUnsupported, open_process_io, plan_stdio
+from shim.stdio import StdioError, open_process_io, plan_stdio
 
 
 @pytest.fixture(autouse=True)
@@ -415,8 +415,6 @@ async def test_open_errors_name_the_path(tmp_path, fifos):
         assert caught.value.path in (missing, str(tmp_path)) and caught.value.path in str(caught.value)
     with pytest.raises(StdioError, match="no reaper"):
         await open_process_io("", "binary:///usr/bin/logger?a=b", "")
-    with pytest.raises(NotImplementedError, match="terminal"):
-        await open_process_io("", "binary:///usr/bin/logger", "", terminal=True)
     with pytest.raises(StdioError, match="unknown STDIO scheme ttrpc"):
         await open_process_io("", "ttrpc+unix:///run/x.sock?streaming_id=1", "")
     client.close()
@@ -472,8 +470,8 @@ def test_plan_stdio():
     with pytest.raises(StdioError, match="absolute"):
         plan_stdio("", "binary://relative", "")
     assert plan_stdio("/f/in", "/f/out", "/f/err", terminal=True) == stdio.StdioPlan("/f/in", "/f/out", "", terminal=True)
-    with pytest.raises(StdioUnsupported, match="terminal"):
-        plan_stdio("", "binary:///bin/logger", "", terminal=True)
+    assert plan_stdio("/f/in", "binary:///bin/logger?a=b", "", terminal=True) == stdio.StdioPlan(
+        "/f/in", "", "", terminal=True, logger=("/bin/logger", "a", "b"))
     with pytest.raises(StdioError, match="absolute"):
         plan_stdio("", "file://relative", "")
     with pytest.raises(StdioError, match="unknown STDIO scheme fifo"):
@@ -536,6 +534,27 @@ async def test_binary_logger_gets_stdout_stderr_args_and_env(tmp_path, reaper):
     assert {"CONTAINER_ID=c1", "CONTAINER_NAMESPACE=ns1"} <= env and not any(e.startswith("PATH=/usr") for e in env)
     assert pid not in [e.pid for e in iter(exits.get_nowait, None)]  # not the logger's either
     exits.close()
+    assert open_fds() == before
+
+
+async def test_binary_logger_with_a_terminal_reads_the_pty(tmp_path, reaper):
+    """As with the Go shim: the pty's output goes to the logger's fd 3, its fd 4 sees EOF."""
+    before = open_fds()
+    logger = script(tmp_path, "logger", LOGGER)
+    base = tmp_path / "log"
+    io = await open_process_io("", f"binary://{logger}?{base}=", "", terminal=True, reaper=reaper)
+    assert io.terminal
+    master, slave = os.openpty()
+    io.attach_console(master)
+    io.start_copying()
+    io.close_child_ends()
+    os.write(slave, b"from the pty\n")
+    os.close(slave)  # the master reads EIO: the output's EOF
+    assert await io.wait_output_flushed(5)
+    io.close()
+    await asyncio.wait_for(io.wait_closed(), 5)
+    assert (tmp_path / "log.out").read_bytes() == b"from the pty\r\n"
+    assert (tmp_path / "log.err").read_text() == ""
     assert open_fds() == before
 
 
