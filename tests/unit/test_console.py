@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -185,6 +187,37 @@ async def test_terminal_mode_copies_both_ways_resizes_and_ends_on_eio(tmp_path, 
     io.close()
     for fd in (client_in, client_out):
         os.close(fd)
+    assert open_fds() == before
+    signal.signal(signal.SIGPIPE, old)
+
+
+async def test_stdin_eof_hangs_up_the_console(fifos):
+    """CloseIO and the client's writer closed: the process on the pty gets SIGHUP (Go shim)."""
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    before = open_fds()
+    in_path, out_path = fifos
+    client_out = os.open(out_path, os.O_RDONLY | os.O_NONBLOCK)
+    io = await open_process_io(in_path, out_path, "", terminal=True)
+    master, slave = os.openpty()
+    # A session leader on the slave, as runc makes it: the hangup sends it SIGHUP.
+    child = subprocess.Popen(["sh", "-c", "echo ready; exec sleep 60"], stdin=slave, stdout=slave,
+                             stderr=slave, start_new_session=True,
+                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    async with attach_console(io) as path:
+        send_like_runc(path, [master])
+    os.close(master)
+    io.start_copying()
+    io.close_child_ends()
+    client_in = os.open(in_path, os.O_WRONLY | os.O_NONBLOCK)
+    assert b"ready" in await read_until(client_out, b"ready")
+    io.close_stdin()
+    os.close(client_in)  # stdin FIFO: EOF now
+    code = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, child.wait), 10)
+    assert code == -signal.SIGHUP
+    assert not io.resize(width=1, height=1)
+    io.close()
+    os.close(client_out)
     assert open_fds() == before
     signal.signal(signal.SIGPIPE, old)
 
