@@ -70,6 +70,8 @@ class Stopped(State):
     def refusal(cls, operation: str) -> str:
         if operation == "exec":
             return "cannot exec in a stopped state"
+        if operation in ("update", "pause", "resume", "checkpoint"):
+            return f"cannot {operation} a stopped container"  # the Go shim's word here
         return super().refusal(operation)
 
 
