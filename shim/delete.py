@@ -44,9 +44,16 @@ def delete(flags) -> int:
         except Exception as exc:
             sys.stderr.write(f"unmount {rootfs}: {exc}\n")
 
-    pid_text = _read(os.path.join(bundle, "init.pid"))
-    pid = int(pid_text) if pid_text.isdigit() else 0
-    sys.stdout.buffer.write(delete_response(pid, 128 + 9, time.time_ns()))
+    from shim import exit_record
+
+    recorded = exit_record.read(bundle)
+    if recorded is not None:
+        # init had exited before the daemon went away: its real status, not "killed".
+        pid, status, exited_at_ns = recorded
+    else:
+        pid_text = _read(os.path.join(bundle, "init.pid"))
+        pid, status, exited_at_ns = (int(pid_text) if pid_text.isdigit() else 0), 128 + 9, time.time_ns()
+    sys.stdout.buffer.write(delete_response(pid, status, exited_at_ns))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: containerd is waiting on us

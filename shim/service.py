@@ -174,6 +174,8 @@ class TaskService:
         if container is not None and process is container.init and container.oom_watch is not None:
             container.oom_watch.poll()  # rule 6
         process.set_exited(exit_.status, exit_.timestamp)  # rule 4
+        if isinstance(process, InitProcess):
+            self._record_init_exit(process, exit_.timestamp)
         self.publisher.publish(
             "/tasks/exit",
             events.TaskExit(
@@ -184,6 +186,17 @@ class TaskService:
                 exited_at=process.exited_at,
             ),
         )
+
+    @staticmethod
+    def _record_init_exit(init: InitProcess, exited_at_ns: int) -> None:
+        # Durable before /tasks/exit goes out: if containerd is down now and this daemon
+        # dies before it is back, `delete` still answers with the real status.
+        from shim import exit_record
+
+        try:
+            exit_record.write(init.bundle, init.pid, init.exit_status, exited_at_ns)
+        except OSError as exc:
+            log.warning("%s: cannot record the exit in the bundle: %s", init.id, exc)
 
     async def _before_init_exit(self, container: Container) -> None:
         running = [e for e in container.execs.values() if e.pid and not e.has_exited]
@@ -504,6 +517,12 @@ class TaskService:
         from shim.api.containerd.runc.v1 import ProcessDetails
         from shim.api.containerd.v1.types import ProcessInfo
         container = self._container(req.id)
+        if container.init.has_exited:
+            # runc-v2 answers an empty list here, and containerd 1.7+/2.x, reloading its shims
+            # after a restart, takes an empty list for a leaked shim and deletes the task:
+            # an exit that happened while containerd was down vanished with it. The exited
+            # init is listed instead, so the task stays, STOPPED with its real status.
+            return task.PidsResponse(processes=[ProcessInfo(pid=container.init.pid)])
         with runtime_errors("failed to list pids"):
             pids = await container.runtime.ps(container.id)
         exec_of = {e.pid: e.id for e in container.execs.values() if e.pid}

@@ -104,8 +104,11 @@ class Recorder:
         self.records: list[Record] = []
         self.service: TaskService | None = None
         self._waiters: list[asyncio.Future] = []
+        self.on_publish = None  # a test's hook, called with (topic, event) before recording
 
     def publish(self, topic: str, event) -> None:
+        if self.on_publish is not None:
+            self.on_publish(topic, event)
         self.records.append(Record(topic, event, self._snapshot(topic, event)))
         waiters, self._waiters = self._waiters, []
         for w in waiters:
@@ -976,3 +979,37 @@ async def test_fake_processes_are_reparented_to_us_and_reaped_through_the_subscr
     await h.exited("c1")
     assert created.pid in h.seen and created.pid not in children()
     assert time.monotonic() - t0 < 2
+
+
+async def test_init_exit_is_recorded_in_the_bundle_and_pids_lists_it(h):
+    # Durability (issue 5): the exit is in the bundle before /tasks/exit goes out, and Pids
+    # of a stopped task lists the exited init so that a restarted containerd keeps the task.
+    from shim import exit_record
+
+    created = await h.create("c1", "sh", "-c", "exit 3")
+    bundle = str(h.tmp_path / "c1")
+    seen_at_publish = []
+    h.recorder.on_publish = lambda topic, event: seen_at_publish.append(exit_record.read(bundle)) \
+        if topic == "/tasks/exit" else None
+    await h.start("c1")
+    record = await h.exited("c1")
+    pid, status, exited_at_ns = exit_record.read(bundle)
+    assert (pid, status) == (created.pid, 3)
+    assert seen_at_publish == [(pid, status, exited_at_ns)]
+    exited_at = record.event.exited_at
+    assert abs(exited_at.timestamp() - exited_at_ns / 1e9) < 1e-5
+    pids = await h.service.pids(task.PidsRequest(id="c1"), None)
+    assert [p.pid for p in pids.processes] == [created.pid]
+    await h.delete("c1")
+
+
+def test_exit_record_round_trip_and_garbage(tmp_path):
+    from shim import exit_record
+
+    assert exit_record.read(str(tmp_path)) is None
+    exit_record.write(str(tmp_path), 42, 137, 1_700_000_000_123_456_789)
+    assert exit_record.read(str(tmp_path)) == (42, 137, 1_700_000_000_123_456_789)
+    assert sorted(os.listdir(tmp_path)) == ["init.exit"]
+    for garbage in ("", "1 2", "a b c", "1 2 3 4", "-1 0 5", "1 0 0"):
+        (tmp_path / "init.exit").write_text(garbage)
+        assert exit_record.read(str(tmp_path)) is None
