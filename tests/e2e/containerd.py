@@ -479,6 +479,10 @@ class PrivateContainerd:
         self.version = self._tool_version(self.bin_dir / "containerd")
         self.runc_version = self._tool_version(self.runc)
 
+        self._launch(timeout)
+        return self
+
+    def _launch(self, timeout: float) -> None:
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [str(self.bin_dir / "containerd"), "--config", str(self.config_path),
@@ -496,10 +500,28 @@ class PrivateContainerd:
             if os.path.exists(self.address):
                 last = self.ctr("version", namespace="default", timeout=10)
                 if last.returncode == 0:
-                    return self
+                    return
             time.sleep(0.05)
         self.close()
         raise TimeoutError(f"containerd {self.target.id} did not answer: {last}\n{self.log_tail()}")
+
+    def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Stop containerd alone (shims and containers keep running), as a crash (SIGKILL)
+        or an administrator's restart (SIGTERM) would."""
+        assert self.proc is not None and self.proc.poll() is None, "containerd is not running"
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def restart_daemon(self, timeout: float = 30.0) -> int:
+        """Start containerd again on the same root, state and sockets after `stop_daemon`;
+        returns the offset in log_path where the new instance's log starts."""
+        assert self.proc is None or self.proc.poll() is not None, "containerd is still running"
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._launch(timeout)
+        return offset
 
     @staticmethod
     def _tool_version(path: Path) -> str:
