@@ -44,6 +44,7 @@ def delete(flags) -> int:
         except Exception as exc:
             sys.stderr.write(f"unmount {rootfs}: {exc}\n")
 
+    _remove_dead_socket(bundle)
     from shim import exit_record
 
     recorded = exit_record.read(bundle)
@@ -75,6 +76,34 @@ def _runtime_delete(flags, bundle: str, options, root: str) -> None:
             sys.stderr.write(f"{binary} delete --force {flags.id}: {result.stderr.decode(errors='replace').strip()}\n")
     except (OSError, subprocess.TimeoutExpired) as exc:
         sys.stderr.write(f"{binary} delete --force {flags.id}: {exc}\n")
+
+
+#: Where shim sockets live (shim-protocol.md §2.4); nothing elsewhere is ever removed.
+SOCKET_DIR = "/run/containerd/s/"
+
+
+def _remove_dead_socket(bundle: str) -> None:
+    """A SIGKILLed daemon leaves its socket file behind: remove it, but only when nobody
+    listens on it any more (a group's daemon may still serve other containers)."""
+    address = _read(os.path.join(bundle, "address"))
+    path = address.removeprefix("unix://")
+    if not path.startswith(SOCKET_DIR) or "/.." in path or not os.path.exists(path):
+        return
+    import _socket  # the C module: `socket` would import selectors and more for nothing
+
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(0.2)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # a socket file without a listener
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    except OSError:
+        pass  # busy or unreadable: assume alive
+    finally:
+        probe.close()
 
 
 def _mounted_under(path: str) -> bool:

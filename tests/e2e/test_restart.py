@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -164,3 +165,44 @@ def test_running_exec_survives_a_containerd_crash(own_containerd):
     ctr(c, "task", "rm", "box")
     ctr(c, "container", "rm", "box", check=True)
     wait_for(lambda: not daemons(c), 10, "the shim to exit")
+
+
+def test_a_killed_group_shim_is_cleaned_up_without_its_daemon(own_containerd):
+    """SIGKILL the daemon of a two-container group: containerd runs `delete` for each task;
+    afterwards no container process, mount, runc state or socket is left, containerd holds
+    no more fds than before, and the task that had already exited reports its real status."""
+    c = own_containerd
+    group = ("--annotation", "io.containerd.pyshim.v2.group=crash-group")
+    containerd_fds = fd_count(c.proc.pid)
+    ctr(c, "run", "-d", "--runtime", PYSHIM, *group, IMAGE_REF, "alive", "sleep", "600", check=True)
+    ctr(c, "run", "-d", "--runtime", PYSHIM, *group, IMAGE_REF, "done", "sh", "-c", "exit 3", check=True)
+    wait_for(lambda: tasks(c).get("done") == "STOPPED", 10, "done to exit")
+    (shim,) = daemons(c)
+    alive_pid = int((c.bundle_dir(c.ns, "alive") / "init.pid").read_text())
+    socket_path = (c.bundle_dir(c.ns, "alive") / "address").read_text().removeprefix("unix://")
+    assert os.path.exists(socket_path)
+
+    events = subprocess.Popen([str(c.bin_dir / "ctr"), "--address", c.address, "events"], env=c.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # subscribed
+    os.kill(shim, signal.SIGKILL)
+    # containerd sees both connections drop and runs `containerd-shim-pyshim-v2 delete` for each
+    wait_for(lambda: not os.path.exists(f"/proc/{alive_pid}"), 20, "runc delete --force to kill the container")
+    wait_for(lambda: all(s in ("STOPPED", None) for s in (tasks(c).get("alive"), tasks(c).get("done"))), 20,
+             "containerd to mark both tasks stopped")
+    wait_for(lambda: not os.path.exists(socket_path), 10, "the dead daemon's socket to be removed")
+    time.sleep(0.5)
+    events.terminate()
+    seen = events.communicate(timeout=10)[0]
+    # containerd publishes /tasks/exit from what `delete` answered: 3 for the task that had
+    # exited (from <bundle>/init.exit; runc-v2 says 137), 137 for the one it killed.
+    exits = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r'/tasks/exit \{"container_id":"(\w+)".*?"exit_status":(\d+)', seen)}
+    assert exits == {"done": 3, "alive": 137}, seen
+    for cid in ("alive", "done"):
+        ctr(c, "task", "rm", cid)
+        ctr(c, "container", "rm", cid, check=True)
+    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(c.dir) in line]
+    assert not list((Path("/run/containerd/runc") / c.ns).glob("*"))
+    assert not daemons(c)
+    assert fd_count(c.proc.pid) <= containerd_fds + 2, (containerd_fds, fd_count(c.proc.pid))

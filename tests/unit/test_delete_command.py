@@ -39,3 +39,32 @@ def test_delete_without_a_record_says_killed_now(tmp_path):
     resp = run_delete(bundle)
     assert (resp.pid, resp.exit_status) == (4243, 137)
     assert before - 1 <= resp.exited_at.timestamp() <= time.time() + 1
+
+
+def test_delete_removes_a_dead_shims_socket_only(tmp_path):
+    import socket
+
+    from shim import delete
+
+    os.makedirs(delete.SOCKET_DIR, exist_ok=True)
+    name = f"pyshim-unit-{os.getpid()}"
+    dead_path, live_path = delete.SOCKET_DIR + name + "-dead", delete.SOCKET_DIR + name + "-live"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(dead_path)
+    dead.close()  # the file stays, nobody listens: what a SIGKILLed daemon leaves
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(live_path)
+    live.listen(1)
+    try:
+        for path in (dead_path, live_path):
+            bundle = tmp_path / os.path.basename(path)
+            bundle.mkdir()
+            (bundle / "address").write_text("unix://" + path)
+            run_delete(bundle)
+        assert not os.path.exists(dead_path)
+        assert os.path.exists(live_path)
+    finally:
+        live.close()
+        for path in (dead_path, live_path):
+            if os.path.exists(path):
+                os.unlink(path)
