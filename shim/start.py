@@ -114,6 +114,27 @@ def adjust_oom_score(pid: int) -> None:
         pass
 
 
+def _place(pid: int, options: bytes, address: str) -> bool:
+    """Move the new daemon into the options' shim_cgroup; on failure stop it again and say
+    why (containerd shows start's output as the error)."""
+    from shim.placement import PlacementError, join_cgroup, shim_cgroup_of
+
+    cgroup = shim_cgroup_of(options)
+    if not cgroup:
+        return True
+    try:
+        join_cgroup(pid, cgroup)
+        return True
+    except (PlacementError, OSError) as exc:
+        try:
+            os.kill(pid, 9)
+            os.unlink(address.removeprefix("unix://"))
+        except OSError:
+            pass
+        print(f"pyshim start: {exc}", file=sys.stderr)
+        return False
+
+
 def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
     """Whether stdin holds containerd 2.3's BootstrapParams for this task (else runtime options).
 
@@ -154,6 +175,8 @@ def start(flags) -> int:
             if pid == 0:
                 _become_daemon(flags, listener)  # never returns
         listener.close()
+        if not bootstrap and not _place(pid, stdin_data, address):
+            return 1
         adjust_oom_score(pid)
     write_address(bundle, address)
     if bootstrap:

@@ -165,3 +165,23 @@ def e2e(containerd: PrivateContainerd, request: pytest.FixtureRequest):
                                   image=containerd.image_archive)
     yield E2E(containerd, ns)
     containerd.cleanup_namespace(ns)
+
+
+@pytest.fixture(params=VERSION_IDS)
+def own_containerd(request, busybox_image: Path):
+    """A PrivateContainerd for this test alone (per version), with a namespace `.ns` holding
+    the image: for tests that restart or reconfigure containerd. Fails on leftovers."""
+    target = TARGETS[request.param]
+    missing = target.missing()
+    if missing:
+        (pytest.fail if REQUIRED else pytest.skip)(f"containerd {target.id} not installed: {missing}")
+    c = PrivateContainerd(target)
+    c.image_archive = busybox_image
+    try:
+        c.start()
+        c.ns = c.new_namespace(_slug(request.node.originalname, 24), image=busybox_image)
+        yield c
+    finally:
+        log_tail = c.log_tail(40)
+        leftovers = c.close()
+        assert not leftovers, f"left behind: {leftovers}\n{log_tail}"

@@ -1,7 +1,7 @@
 """containerd restarting (SIGTERM) or crashing (SIGKILL) under running pyshim containers.
 
-Each test has a containerd of its own (the session's is shared by the other tests and must
-not restart under them). What is checked, on 1.6, 1.7 and 2.1:
+Each test has a containerd of its own (fixture `own_containerd`: the session's is shared by
+the other tests and must not restart under them). What is checked, on 1.6, 1.7 and 2.1:
 
 * running tasks come back: `ctr task ls` lists them, exec, kill and delete work;
 * an exit that happens while containerd is down is not lost (runc-v2 loses it on 1.7+, the
@@ -23,30 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRED, VERSION_IDS
-from containerd import IMAGE_REF, TARGETS, PrivateContainerd
+from containerd import IMAGE_REF, PrivateContainerd
 
 PYSHIM = "io.containerd.pyshim.v2"
 # Exits 7 on SIGTERM (sh runs the trap between two sleeps).
 TRAPPED = "trap 'exit 7' TERM; echo ready; while :; do sleep 0.1; done"
-
-
-@pytest.fixture(params=VERSION_IDS)
-def own_containerd(request, busybox_image: Path):
-    target = TARGETS[request.param]
-    missing = target.missing()
-    if missing:
-        (pytest.fail if REQUIRED else pytest.skip)(f"containerd {target.id} not installed: {missing}")
-    c = PrivateContainerd(target)
-    c.image_archive = busybox_image
-    try:
-        c.start()
-        c.ns = c.new_namespace("restart", image=busybox_image)
-        yield c
-    finally:
-        log_tail = c.log_tail(40)
-        leftovers = c.close()
-        assert not leftovers, f"left behind: {leftovers}\n{log_tail}"
 
 
 def ctr(c: PrivateContainerd, *args: str, **kw):

@@ -1,0 +1,87 @@
+"""Where the daemon runs: the cgroup named by the runtime options' shim_cgroup.
+
+containerd passes the runtime options to `start` on stdin (a google.protobuf.Any: runc
+Options, or CRI's runtimeoptions.v1 TOML). Like the Go shim, `start` moves the new daemon
+into `shim_cgroup` before it reports the address, and fails the start if it cannot: a shim
+outside the cgroup the operator asked for would escape its accounting silently.
+
+Read with shim.ttrpc.wire's field peeking, not the protobuf runtime: this is on the path of
+every `start`.
+"""
+
+from __future__ import annotations
+
+import os
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class PlacementError(Exception):
+    pass
+
+
+def shim_cgroup_of(options: bytes) -> str:
+    """The shim_cgroup asked for by the runtime options `start` read from stdin ('' if none).
+
+    Options that cannot be read are ignored here, as containerd 1.7+'s runc shim does; Create
+    reports them to the user.
+    """
+    if not options:
+        return ""
+    from shim.ttrpc.wire import MalformedMessage, string_fields
+
+    try:
+        any_fields = string_fields(options)
+        type_url = any_fields.get(1, b"").decode().rpartition("/")[2]
+        value = any_fields.get(2, b"")
+        if type_url == "containerd.runc.v1.Options":
+            return string_fields(value).get(3, b"").decode()  # field 3: shim_cgroup
+        if type_url == "runtimeoptions.v1.Options":
+            from shim.options import RuntimeOptions
+
+            config = string_fields(value)  # 2: config_path, 3: config_body
+            path = config.get(2, b"").decode()
+            if path:
+                with open(path, "rb") as f:
+                    return RuntimeOptions.from_toml(f.read(), path).shim_cgroup
+            return RuntimeOptions.from_toml(config.get(3, b""), "runtime options").shim_cgroup
+    except (MalformedMessage, UnicodeDecodeError, OSError, ValueError):
+        return ""
+    return ""
+
+
+def join_cgroup(pid: int, cgroup: str, *, root: str = CGROUP_ROOT, mountinfo: str | None = None) -> list[str]:
+    """Move `pid` into `cgroup` (a path from the hierarchy's root) and return the
+    cgroup.procs files written. cgroup v2: the one unified file. cgroup v1: every mounted
+    hierarchy where that cgroup exists (as containerd's cgroup1 package does); none is an
+    error. Raises PlacementError with the path that failed."""
+    relative = cgroup.strip("/")
+    if not relative or ".." in relative.split("/"):
+        raise PlacementError(f"invalid shim cgroup {cgroup!r}")
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        hierarchies = [root]
+    else:
+        hierarchies = _v1_hierarchies(mountinfo)
+    targets = [os.path.join(h, relative, "cgroup.procs") for h in hierarchies]
+    targets = [t for t in targets if os.path.isdir(os.path.dirname(t))]
+    if not targets:
+        raise PlacementError(f"failed to load cgroup {cgroup}: cgroup deleted")
+    for target in targets:
+        try:
+            with open(target, "w") as f:
+                f.write(str(pid))
+        except OSError as exc:
+            raise PlacementError(f"failed to join cgroup {cgroup}: {target}: {exc.strerror}") from None
+    return targets
+
+
+def _v1_hierarchies(mountinfo: str | None) -> list[str]:
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    found = []
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if sep and right.split(" ", 1)[0] == "cgroup":  # v1 only: a hybrid's cgroup2 is not one of them
+            found.append(left.split(" ")[4])
+    return found
