@@ -127,9 +127,11 @@ def decode_checkpoint_options(any_message):
 
 def criu_error(err) -> str:
     """A failed checkpoint's message as the Go shim words it: the first line of go-runc's
-    "exit status N: <runc's output>" (later lines name the work dir's log, which is gone)."""
+    "<runc> did not terminate successfully: exit status N: <runc's output>" (later lines name
+    the work dir's log, which is gone)."""
     text = str(err).strip()
     returncode = getattr(err, "returncode", None)
     if returncode is not None:
-        text = f"exit status {returncode}: {text}"
+        argv = getattr(err, "argv", None) or ["runc"]
+        text = f"{argv[0]} did not terminate successfully: exit status {returncode}: {text}"
     return text.split("\n", 1)[0]

@@ -1005,7 +1005,7 @@ class CheckpointingRuntime(FakeRuntime):
         if self.checkpoint_error is not None:
             with open(os.path.join(criu.work_path, "dump.log"), "w") as f:
                 f.write("(00.000001) Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds\n")
-            raise RuncError(self.checkpoint_error, command="checkpoint", returncode=1)
+            raise RuncError(self.checkpoint_error, command="checkpoint", returncode=1, argv=self.argv)
         if not leave_running:
             for held in self.processes():
                 self.h.signal(held.pid, signal.SIGKILL)
@@ -1143,7 +1143,8 @@ async def test_failed_checkpoint_keeps_criu_log_and_the_task_usable(ch):
     bundle = ch.tmp_path / "c1"
     ch.service.containers["c1"].runtime.checkpoint_error = "criu failed: type NOTIFY errno 0\nlog file: /x/dump.log"
     await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN,
-                       f"exit status 1: criu failed: type NOTIFY errno 0 path= {bundle / 'criu-dump.log'}")
+                       "runc did not terminate successfully: exit status 1: criu failed: type NOTIFY errno 0"
+                       f" path= {bundle / 'criu-dump.log'}")
     assert "vDSO area bounds" in (bundle / "criu-dump.log").read_text()
     assert not (bundle / "work" / "criu-work").exists()
     assert (await ch.state("c1")).status == Status.RUNNING
