@@ -43,6 +43,17 @@ if [ -e {fail} ]; then
         exit 1
     fi
 fi
+if [ -e {fake} ]; then
+    for a in "$@"; do
+        case "$a" in checkpoint) faked=1 ;; esac
+    done
+    if [ -n "$faked" ]; then
+        # A checkpoint that "succeeds" without CRIU: an image no CRIU can restore.
+        image=$(printf '%s\n' "$@" | sed -n '/^--image-path$/{{n;p;}}')
+        mkdir -p "$image" && echo "not a CRIU image (test)" > "$image/inventory.img"
+        exit 0
+    fi
+fi
 exec {runc} "$@"
 """
 
@@ -54,6 +65,8 @@ class RecordingRunc:
     config: Path
     log: Path
     fail: Path
+    fake: Path
+    binary: Path
 
     def calls(self, subcommand: str, cid: str) -> list[list[str]]:
         lines = self.log.read_text().splitlines() if self.log.exists() else []
@@ -63,16 +76,19 @@ class RecordingRunc:
     def force_failure(self) -> None:
         self.fail.touch()
 
+    def fake_checkpoints(self) -> None:
+        self.fake.touch()
+
 
 @pytest.fixture
 def recording_runc(e2e, tmp_path) -> RecordingRunc:
-    log, fail = tmp_path / "runc-calls.log", tmp_path / "fail-checkpoint"
+    log, fail, fake = tmp_path / "runc-calls.log", tmp_path / "fail-checkpoint", tmp_path / "fake-checkpoint"
     wrapper = tmp_path / "runc-recorder"
-    wrapper.write_text(WRAPPER.format(log=log, fail=fail, runc=e2e.containerd.runc))
+    wrapper.write_text(WRAPPER.format(log=log, fail=fail, fake=fake, runc=e2e.containerd.runc))
     wrapper.chmod(0o755)
     config = tmp_path / "runtime.toml"
     config.write_text(f'BinaryName = "{wrapper}"\n')
-    return RecordingRunc(config, log, fail)
+    return RecordingRunc(config, log, fail, fake, wrapper)
 
 
 def start(e2e, runc: RecordingRunc, *command: str) -> str:
@@ -83,7 +99,7 @@ def start(e2e, runc: RecordingRunc, *command: str) -> str:
 
 
 def remove(e2e, cid: str) -> None:
-    if task_status(e2e, cid) not in ("", "STOPPED"):
+    if task_status(e2e, cid) in ("RUNNING", "PAUSED"):
         e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
         _wait_stopped(e2e, cid)
     if task_status(e2e, cid):
@@ -154,6 +170,58 @@ def test_criu_failure_reads_as_the_runc_shims(e2e, recording_runc):
         finally:
             remove(e2e, cid)
     assert errors[PYSHIM] == errors[RUNC]
+
+
+def _restore_attempt(e2e, runc: RecordingRunc, runtime: str) -> tuple[list[str], str]:
+    """Checkpoint (faked by the wrapper) and `ctr container restore --live` under `runtime`:
+    the restore argv and ctr's error, with run-specific paths replaced by placeholders."""
+    cid = e2e.new_id(runtime.split(".")[2])
+    ref = f"checkpoint/{cid}:fake"
+    runtime_flags = (("--runtime-config-path", str(runc.config)) if runtime == PYSHIM
+                     else ("--runc-binary", str(runc.binary)))
+    e2e.ctr("run", "-d", "--runtime", runtime, *runtime_flags, e2e.image, cid, "sleep", "600", check=True)
+    try:
+        e2e.ctr("container", "checkpoint", "--task", cid, ref, check=True, timeout=120)
+        assert task_status(e2e, cid) == "RUNNING"  # left running
+        remove(e2e, cid)
+        r = e2e.ctr("container", "restore", "--live", cid, ref, timeout=120)
+        assert r.returncode != 0, r  # real runc cannot restore the fake image
+        bundle = e2e.bundle_dir(cid)
+        # The task stays created (no process) and is deleted like any created task.
+        assert task_status(e2e, cid) == "CREATED", r
+        (argv,) = runc.calls("restore", cid)
+        e2e.ctr("task", "rm", cid, check=True)
+        e2e.ctr("container", "rm", cid, check=True)
+        assert not bundle.exists()
+    finally:
+        if cid in e2e.ctr("container", "ls", "-q").stdout.split():
+            remove(e2e, cid)
+        e2e.ctr("image", "rm", ref)
+
+    image = flag(argv, "--image-path")
+
+    def normal(text: str) -> str:
+        text = text.replace(str(bundle), "<bundle>").replace(str(runc.binary), "runc")
+        return text.replace(image, "<image>").replace(cid, "<id>")
+
+    argv = [normal(a) for a in argv]
+    return argv[1:], normal(r.stderr.strip())
+
+
+def test_restore_reaches_runc_as_from_the_runc_shim(e2e, recording_runc):
+    recording_runc.fake_checkpoints()
+    ours, our_error = _restore_attempt(e2e, recording_runc, PYSHIM)
+    from test_lifecycle import RUNC
+
+    theirs, their_error = _restore_attempt(e2e, recording_runc, RUNC)
+    assert ours[ours.index("restore"):] == [
+        "restore", "--image-path", "<image>", "--work-path", "<bundle>/work", "--detach",
+        "--pid-file", "<bundle>/init.pid", "--no-subreaper", "--bundle", "<bundle>", "<id>",
+    ], ours
+    # go-runc spells the flag -no-subreaper; runc reads both.
+    assert ours == [("--no-subreaper" if a == "-no-subreaper" else a) for a in theirs]
+    assert "OCI runtime restore failed" in our_error, our_error
+    assert our_error == their_error
 
 
 class _RawCodec:
@@ -251,10 +319,11 @@ def test_round_trip_restores_the_running_state(e2e, recording_runc):
     ref = f"checkpoint/{cid}:1"
     restored = False
     try:
-        time.sleep(1)
+        time.sleep(2)
         before = _count(e2e, cid, "before")
-        assert before > 0
-        r = e2e.ctr("container", "checkpoint", "--task", cid, ref, timeout=120)
+        assert before > 1
+        # --rw: the restored rootfs has /tmp/count too (CRIU restores memory, not files).
+        r = e2e.ctr("container", "checkpoint", "--task", "--rw", cid, ref, timeout=120)
         if r.returncode != 0:
             dump_log = CRIU_DUMP_LOG.search(r.stderr)
             reason = ""
@@ -266,13 +335,15 @@ def test_round_trip_restores_the_running_state(e2e, recording_runc):
             raise AssertionError(r)
         remove(e2e, cid)
         # The same container id again, from the checkpoint image, with its memory (--live).
-        e2e.ctr("container", "restore", "--live", cid, ref, check=True, timeout=120)
+        e2e.ctr("container", "restore", "--live", "--rw", cid, ref, check=True, timeout=120)
         restored = True
         assert task_status(e2e, cid) == "RUNNING"
         (argv,) = recording_runc.calls("restore", cid)
         assert "--detach" in argv and flag(argv, "--pid-file").endswith("/init.pid"), argv
         after = _count(e2e, cid, "after")
         assert after >= before, (before, after)  # continued, not started again from 1
+        time.sleep(0.5)
+        assert _count(e2e, cid, "later") > after  # and still running
     finally:
         if restored or task_status(e2e, cid) or cid in e2e.ctr("container", "ls", "-q").stdout.split():
             remove(e2e, cid)
