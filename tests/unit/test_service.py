@@ -1017,7 +1017,23 @@ class CheckpointingRuntime(FakeRuntime):
             raise RuncError(self.restore_error, command="restore")
         with open(os.path.join(bundle, "config.json")) as f:
             spec = json.load(f)
-        self.init = await self._launch(spec["process"]["args"], pid_file, stdin, stdout, stderr)
+        slave = -1
+        if console_socket:  # as runc: a new pty, its master sent over the socket
+            import socket as socket_module
+
+            master, slave = os.openpty()
+            try:
+                with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as conn:
+                    conn.connect(console_socket)
+                    socket_module.send_fds(conn, [b"/dev/pts/fake"], [master])
+            finally:
+                os.close(master)
+            stdin = stdout = stderr = slave
+        try:
+            self.init = await self._launch(spec["process"]["args"], pid_file, stdin, stdout, stderr)
+        finally:
+            if slave != -1:
+                os.close(slave)
         self.id = id
         self.status = "running"
         self.h.runtimes[id] = self
@@ -1050,12 +1066,14 @@ async def checkpoint(h: Harness, cid: str, path: str = "/ckpt/image", options: A
         await h.service.checkpoint(task.CheckpointTaskRequest(id=cid, path=path, options=options), None)
 
 
-async def create_restored(h: Harness, cid: str, *args: str, checkpoint: str = "/ckpt/image", parent: str = ""):
+async def create_restored(h: Harness, cid: str, *args: str, checkpoint: str = "/ckpt/image", parent: str = "",
+                          **request_fields):
     bundle = h.tmp_path / cid
     bundle.mkdir(exist_ok=True)
     spec = {"process": {"args": list(args)}, "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}]}}
     (bundle / "config.json").write_text(json.dumps(spec))
-    request = task.CreateTaskRequest(id=cid, bundle=str(bundle), checkpoint=checkpoint, parent_checkpoint=parent)
+    request = task.CreateTaskRequest(id=cid, bundle=str(bundle), checkpoint=checkpoint, parent_checkpoint=parent,
+                                     **request_fields)
     async with asyncio.timeout(5):
         return await h.service.create(request, None)
 
@@ -1279,3 +1297,17 @@ async def test_delete_of_a_restored_task_never_started(ch):
     await ch.delete("c1")
     assert ch.service.containers == {}
     assert [c[0] for c in ch.all_runtimes[0].calls] == ["delete"]
+
+
+async def test_restore_with_a_terminal_gets_its_console_at_start(ch):
+    output = ch.tmp_path / "c1.out"
+    output.touch()  # a regular file as stdout: appended to
+    await create_restored(ch, "c1", "sh", "-c", "[ -t 1 ] && echo restored on a tty; exit 5",
+                          terminal=True, stdout=str(output))
+    started = await ch.start("c1")
+    ((*_, console, _, _),) = runtime_calls(ch, "c1", "restore")
+    assert console and not os.path.exists(console)  # a fresh socket, removed once the master came
+    record = await ch.exited("c1")
+    assert (record.event.pid, record.event.exit_status) == (started.pid, 5)
+    assert "restored on a tty" in output.read_text()
+    await ch.delete("c1")
