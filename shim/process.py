@@ -51,6 +51,25 @@ class Created(State):
     name = "created"
     allowed = frozenset({"start", "delete", "kill", "exec", "update", "exit"})
 
+    @classmethod
+    def refusal(cls, operation: str) -> str:
+        if operation == "checkpoint":
+            return "cannot checkpoint a task in created state"
+        return super().refusal(operation)
+
+
+class CreatedCheckpoint(Created):
+    """Created from a checkpoint: no runtime container exists until Start runs `runc
+    restore`, so there is nothing to exec into yet (the Go shim's createdCheckpointState)."""
+
+    allowed = frozenset({"start", "delete", "kill", "update", "exit"})
+
+    @classmethod
+    def refusal(cls, operation: str) -> str:
+        if operation == "exec":
+            return "cannot exec in a created state"
+        return super().refusal(operation)
+
 
 class Running(State):
     name = "running"
@@ -145,12 +164,20 @@ class Process:
 
 
 class InitProcess(Process):
-    """The container's first process, created and started through `runc create/start`."""
+    """The container's first process, created and started through `runc create/start`, or,
+    when created from a checkpoint, brought back by `runc restore` at Start."""
 
     def __init__(self, container_id: str, bundle: str, stdio: Stdio) -> None:
         super().__init__(container_id, container_id, stdio)
         self.bundle = bundle
         self.pid_file = os.path.join(bundle, "init.pid")
+        #: Where Start restores from (a shim.runc.CriuOptions); None: a plain `runc start`.
+        self.restore = None
+
+    def restore_from(self, criu) -> None:
+        """Record the checkpoint to restore at Start (Create with a checkpoint)."""
+        self.restore = criu
+        self.state = CreatedCheckpoint
 
 
 class ExecProcess(Process):

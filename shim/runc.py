@@ -63,8 +63,9 @@ class CriuOptions:
     manage_cgroups_mode: str | None = None
 
     def args(self) -> list[str]:
-        # Same order as go-runc's CheckpointOpts.
-        args = ["--image-path", self.image_path]
+        # Same order as go-runc's CheckpointOpts; without an image path the runtime uses its
+        # default (runc: ./checkpoint), as go-runc leaves the flag out then.
+        args = ["--image-path", self.image_path] if self.image_path else []
         if self.work_path:
             args += ["--work-path", self.work_path]
         if self.parent_path:

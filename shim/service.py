@@ -108,6 +108,7 @@ class TaskService:
             "Resume": self.resume,
             "Stats": self.stats,
             "Update": self.update,
+            "Checkpoint": self.checkpoint,
         }
         methods = {}
         for name, (request_type, _response_type) in table.items():
@@ -233,8 +234,6 @@ class TaskService:
             raise TtrpcError(Code.INVALID_ARGUMENT, "task id must not be empty")
         if req.id in self.containers:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
-        if req.checkpoint:
-            raise TtrpcError(Code.UNIMPLEMENTED, "restore from a checkpoint is not implemented yet")
         bundle = req.bundle
         try:
             options = RuntimeOptions.from_any(req.options)
@@ -259,6 +258,10 @@ class TaskService:
         )
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
+        container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
+        if req.checkpoint:
+            # Restore: no `runc create`; the IO is opened now and Start runs `runc restore`.
+            init.restore_from(container.restore_options(req.checkpoint, req.parent_checkpoint))
         io = None
         # Rule 1: init may die before `runc create` returns (killed, OOM); its exit is then of
         # a pid we do not know yet, so collect it like an exec's while it starts.
@@ -269,22 +272,23 @@ class TaskService:
                                        uid=options.io_uid, gid=options.io_gid,
                                        container_id=req.id, namespace=self.namespace, reaper=self.reaper)
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
-            with runtime_errors("OCI runtime create failed"):
-                async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
-                    await runtime.create(
-                        req.id,
-                        bundle,
-                        pid_file=init.pid_file,
-                        console_socket=console_socket,
-                        stdin=stdin_fd,
-                        stdout=stdout_fd,
-                        stderr=stderr_fd,
-                        no_pivot=options.no_pivot_root,
-                        no_new_keyring=options.no_new_keyring,
-                    )
-            io.start_copying()
-            io.close_child_ends()
-            init.pid = read_pid_file(init.pid_file)
+            if init.restore is None:
+                with runtime_errors("OCI runtime create failed"):
+                    async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
+                        await runtime.create(
+                            req.id,
+                            bundle,
+                            pid_file=init.pid_file,
+                            console_socket=console_socket,
+                            stdin=stdin_fd,
+                            stdout=stdout_fd,
+                            stderr=stderr_fd,
+                            no_pivot=options.no_pivot_root,
+                            no_new_keyring=options.no_new_keyring,
+                        )
+                io.start_copying()
+                io.close_child_ends()
+                init.pid = read_pid_file(init.pid_file)
         except BaseException as exc:
             if io is not None:
                 io.close()
@@ -298,12 +302,13 @@ class TaskService:
         finally:
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not early_exits]
         init.io = io
-        container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
         self.containers[req.id] = container
-        self._load_cgroup(container)  # now: an OOM right after create must not be missed
-        early = next((e for e in early_exits if e.pid == init.pid), None)
-        if early is None:
-            self._by_pid[init.pid] = init
+        early = None
+        if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
+            self._load_cgroup(container)  # now: an OOM right after create must not be missed
+            early = next((e for e in early_exits if e.pid == init.pid), None)
+            if early is None:
+                self._by_pid[init.pid] = init
         self.publisher.publish(
             "/tasks/create",
             events.TaskCreate(
@@ -330,6 +335,8 @@ class TaskService:
         if isinstance(process, ExecProcess):
             return await self._start_exec(container, process)
         process.state.check("start")
+        if process.restore is not None:
+            return await self._start_restore(container, process)
         if container.cgroup is None:
             self._load_cgroup(container)
         self._starting.add(process)
@@ -345,6 +352,47 @@ class TaskService:
             parked = self._parked_exits.pop(process, None)
             if parked is not None:
                 self._spawn(self._process_exit(process, parked))
+        return task.StartResponse(pid=process.pid)
+
+    async def _start_restore(self, container: Container, process: InitProcess) -> task.StartResponse:
+        """Start of an init created from a checkpoint: `runc restore --detach`, with the IO
+        opened at Create (a new console socket for a terminal, as the Go shim)."""
+        from shim.console import attach_console
+
+        # As for an exec, the pid is only known once runc wrote it: collect unknown exits.
+        collector: list = []
+        self._exec_start_collectors.append(collector)
+        self._starting.add(process)
+        early = None
+        try:
+            io = process.io
+            stdin_fd, stdout_fd, stderr_fd = io.child_fds()
+            with runtime_errors("OCI runtime restore failed"):
+                async with attach_console(io) as console_socket:
+                    await container.runtime.restore(
+                        container.id, container.bundle, process.restore,
+                        pid_file=process.pid_file, console_socket=console_socket,
+                        no_pivot=container.options.no_pivot_root,
+                        stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
+                    )
+            io.start_copying()
+            io.close_child_ends()
+            process.pid = read_pid_file(process.pid_file)
+            process.restore = None
+            process.state = Running
+            early = next((e for e in collector if e.pid == process.pid), None)
+            if early is None:
+                self._by_pid[process.pid] = process
+            self._load_cgroup(container)
+            self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
+        finally:
+            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
+            self._starting.discard(process)
+            parked = self._parked_exits.pop(process, None)
+            if parked is not None:
+                self._spawn(self._process_exit(process, parked))
+        if early is not None:
+            self._spawn(self._process_exit(process, early))
         return task.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
@@ -577,6 +625,13 @@ class TaskService:
             raise TtrpcError(Code.NOT_FOUND, f"container {req.id}: no cgroup to read stats from: not found")
         metrics = container.cgroup.stats()
         return task.StatsResponse(stats=Any(type_url=container.cgroup.metrics_type, value=bytes(metrics)))
+
+    async def checkpoint(self, req: task.CheckpointTaskRequest, ctx) -> Empty:
+        from shim.container import decode_checkpoint_options
+
+        container = self._container(req.id)
+        await container.checkpoint(req.path, decode_checkpoint_options(req.options))
+        return Empty()  # no event from the shim (containerd publishes /tasks/checkpointed)
 
     async def update(self, req: task.UpdateTaskRequest, ctx) -> Empty:
         import json

@@ -277,17 +277,6 @@ def test_background_child_holding_stdout_does_not_hang(e2e):
     assert time.monotonic() - started < 30
 
 
-def test_unimplemented_rpc_is_a_clear_error(e2e):
-    cid = e2e.new_id()
-    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
-    r = e2e.ctr("task", "checkpoint", cid)
-    assert r.returncode != 0 and "Checkpoint is not implemented by pyshim yet" in r.stderr, r
-    e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-    _wait_stopped(e2e, cid)
-    e2e.ctr("task", "rm", cid, check=True)
-    e2e.ctr("container", "rm", cid, check=True)
-
-
 def test_killed_shim_is_cleaned_up_by_delete(e2e):
     cid = e2e.new_id()
     e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)

@@ -147,6 +147,8 @@ def test_checkpoint_args():
         "--leave-running", "c1",
     ]
     assert make_runc().checkpoint_args("c1", CriuOptions("/img")) == ["checkpoint", "--image-path", "/img", "c1"]
+    # No image path: left to the runtime's default, as go-runc does.
+    assert make_runc().checkpoint_args("c1", CriuOptions("", work_path="/w")) == ["checkpoint", "--work-path", "/w", "c1"]
 
 
 def test_restore_args():

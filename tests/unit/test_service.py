@@ -1013,3 +1013,338 @@ def test_exit_record_round_trip_and_garbage(tmp_path):
     for garbage in ("", "1 2", "a b c", "1 2 3 4", "-1 0 5", "1 0 0"):
         (tmp_path / "init.exit").write_text(garbage)
         assert exit_record.read(str(tmp_path)) is None
+
+
+# -- checkpoint / restore ---------------------------------------------------------------------
+
+
+class CheckpointingRuntime(FakeRuntime):
+    """FakeRuntime with `checkpoint` (like runc: the dump needs no process help; without
+    leave_running the container is stopped afterwards) and `restore` (launches the bundle's
+    process already released, as `runc restore --detach` returns with it running)."""
+
+    def __init__(self, harness: Harness, **kwargs) -> None:
+        super().__init__(harness, **kwargs)
+        #: checkpoint: raise RuncError with this text after writing dump.log into the work path.
+        self.checkpoint_error: str | None = None
+        self.restore_error: str | None = None
+        self.on_restore = None  # async (container_id, pid) before restore "returns"
+
+    async def checkpoint(self, id, criu, *, leave_running=False, pre_dump=False) -> None:
+        from shim.runc import Runc
+
+        self.calls.append(("checkpoint", id, criu, leave_running))
+        self.argv = Runc(self.reaper, log_path="/b/log.json").argv(
+            *Runc.checkpoint_args(id, criu, leave_running=leave_running))
+        if self.status not in ("running", "paused"):
+            raise RuncError("container is not running", command="checkpoint")
+        os.makedirs(criu.work_path, exist_ok=True)  # CRIU creates it
+        if self.checkpoint_error is not None:
+            with open(os.path.join(criu.work_path, "dump.log"), "w") as f:
+                f.write("(00.000001) Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds\n")
+            raise RuncError(self.checkpoint_error, command="checkpoint", returncode=1, argv=self.argv)
+        if not leave_running:
+            for held in self.processes():
+                self.h.signal(held.pid, signal.SIGKILL)
+
+    async def restore(self, id, bundle, criu, *, pid_file, console_socket=None, no_pivot=False,
+                      no_subreaper=True, detach=True, stdin=None, stdout=None, stderr=None) -> None:
+        self.calls.append(("restore", id, criu, os.path.basename(pid_file), console_socket, no_subreaper, detach))
+        if self.restore_error is not None:
+            raise RuncError(self.restore_error, command="restore")
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+        slave = -1
+        if console_socket:  # as runc: a new pty, its master sent over the socket
+            import socket as socket_module
+
+            master, slave = os.openpty()
+            try:
+                with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as conn:
+                    conn.connect(console_socket)
+                    socket_module.send_fds(conn, [b"/dev/pts/fake"], [master])
+            finally:
+                os.close(master)
+            stdin = stdout = stderr = slave
+        try:
+            self.init = await self._launch(spec["process"]["args"], pid_file, stdin, stdout, stderr)
+        finally:
+            if slave != -1:
+                os.close(slave)
+        self.id = id
+        self.status = "running"
+        self.h.runtimes[id] = self
+        self.init.release()
+        if self.on_restore is not None:
+            await self.on_restore(id, self.init.pid)
+
+
+@pytest.fixture
+def ch(h):
+    """The harness with CheckpointingRuntime as every container's runtime."""
+
+    def factory(**kwargs):
+        runtime = CheckpointingRuntime(h, **kwargs)
+        h.all_runtimes.append(runtime)
+        return runtime
+
+    h.service._runtime_factory = factory
+    return h
+
+
+def checkpoint_options(**fields) -> Any:
+    from shim.api.containerd.runc.v1 import CheckpointOptions
+
+    return Any(type_url="containerd.runc.v1.CheckpointOptions", value=bytes(CheckpointOptions(**fields)))
+
+
+async def checkpoint(h: Harness, cid: str, path: str = "/ckpt/image", options: Any | None = None) -> None:
+    async with asyncio.timeout(5):
+        await h.service.checkpoint(task.CheckpointTaskRequest(id=cid, path=path, options=options), None)
+
+
+async def create_restored(h: Harness, cid: str, *args: str, checkpoint: str = "/ckpt/image", parent: str = "",
+                          **request_fields):
+    bundle = h.tmp_path / cid
+    bundle.mkdir(exist_ok=True)
+    spec = {"process": {"args": list(args)}, "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}]}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    request = task.CreateTaskRequest(id=cid, bundle=str(bundle), checkpoint=checkpoint, parent_checkpoint=parent,
+                                     **request_fields)
+    async with asyncio.timeout(5):
+        return await h.service.create(request, None)
+
+
+def runtime_calls(h: Harness, cid: str, name: str) -> list[tuple]:
+    return [c for c in h.service.containers[cid].runtime.calls if c[0] == name]
+
+
+async def test_checkpoint_is_refused_before_start_and_after_exit(ch):
+    await ch.create("c1", "sleep", "30")
+    await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN, "cannot checkpoint a task in created state")
+    await ch.start("c1")
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN, "cannot checkpoint a stopped container")
+    assert runtime_calls(ch, "c1", "checkpoint") == []
+    await expect_error(checkpoint(ch, "nosuch"), Code.NOT_FOUND, "container nosuch not found: not found")
+    await ch.delete("c1")
+
+
+async def test_checkpoint_leaves_running_by_default_with_a_removed_work_dir(ch):
+    created = await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    bundle = ch.tmp_path / "c1"
+    await checkpoint(ch, "c1", "/ckpt/image")  # no options at all (ctr with a non-runc runtime name)
+    ((_, _, criu, leave_running),) = runtime_calls(ch, "c1", "checkpoint")
+    assert leave_running is True
+    assert (criu.image_path, criu.work_path) == ("/ckpt/image", str(bundle / "work" / "criu-work"))
+    assert not (bundle / "work" / "criu-work").exists()  # the default work dir is the shim's to remove
+    assert ch.service.containers["c1"].runtime.argv == [
+        "runc", "--root", "/run/containerd/runc", "--log", "/b/log.json", "--log-format", "json",
+        "checkpoint", "--image-path", "/ckpt/image", "--work-path", str(bundle / "work" / "criu-work"),
+        "--leave-running", "c1",
+    ]
+    state = await ch.state("c1")
+    assert (state.status, state.pid) == (Status.RUNNING, created.pid)
+    assert [r.topic for r in ch.recorder.records] == ["/tasks/create", "/tasks/start"]  # no event of ours
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1")
+
+
+async def test_checkpoint_options_reach_the_runtime(ch, tmp_path):
+    await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    work = tmp_path / "my-work"
+    options = checkpoint_options(
+        open_tcp=True, external_unix_sockets=True, terminal=True, file_locks=True,
+        empty_namespaces=["network", "ipc"], work_path=str(work), image_path="/ignored/when/path/given",
+    )
+    await checkpoint(ch, "c1", "/ckpt/image", options)
+    assert ch.service.containers["c1"].runtime.argv[7:] == [
+        "checkpoint", "--image-path", "/ckpt/image", "--work-path", str(work), "--tcp-established",
+        "--ext-unix-sk", "--shell-job", "--file-locks", "--empty-ns", "network", "--empty-ns", "ipc",
+        "--leave-running", "c1",
+    ]
+    assert work.is_dir()  # a work path the client chose is kept
+    # No path in the request: the options' image path.
+    await checkpoint(ch, "c1", "", checkpoint_options(image_path="/from/options"))
+    assert runtime_calls(ch, "c1", "checkpoint")[-1][2].image_path == "/from/options"
+    # Paused (ctr pauses around a checkpoint): allowed.
+    await ch.service.pause(task.PauseRequest(id="c1"), None)
+    await checkpoint(ch, "c1")
+    assert len(runtime_calls(ch, "c1", "checkpoint")) == 3
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1")
+
+
+async def test_checkpoint_with_exit_stops_the_container(ch):
+    created = await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    await checkpoint(ch, "c1", options=checkpoint_options(exit=True))
+    assert runtime_calls(ch, "c1", "checkpoint")[0][3] is False  # no --leave-running
+    assert "--leave-running" not in ch.service.containers["c1"].runtime.argv
+    record = await ch.exited("c1")
+    assert (record.event.pid, record.event.exit_status) == (created.pid, 128 + signal.SIGKILL)
+    assert (await ch.wait("c1")).exit_status == 137
+    await ch.delete("c1")
+
+
+async def test_failed_checkpoint_keeps_criu_log_and_the_task_usable(ch):
+    await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    bundle = ch.tmp_path / "c1"
+    ch.service.containers["c1"].runtime.checkpoint_error = "criu failed: type NOTIFY errno 0\nlog file: /x/dump.log"
+    await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN,
+                       "runc did not terminate successfully: exit status 1: criu failed: type NOTIFY errno 0"
+                       f" path= {bundle / 'criu-dump.log'}")
+    assert "vDSO area bounds" in (bundle / "criu-dump.log").read_text()
+    assert not (bundle / "work" / "criu-work").exists()
+    assert (await ch.state("c1")).status == Status.RUNNING
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1")
+
+
+async def test_failed_checkpoint_without_a_dump_log_still_names_the_path(ch):
+    await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    runtime = ch.service.containers["c1"].runtime
+    runtime.status = "stopped"  # the runtime refuses before CRIU ran: no dump.log to copy
+    bundle = ch.tmp_path / "c1"
+    await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN, f"container is not running path= {bundle / 'criu-dump.log'}")
+    assert not (bundle / "criu-dump.log").exists()
+    runtime.status = "running"
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1")
+
+
+@pytest.mark.parametrize("options, message", [
+    (Any(type_url="containerd.runc.v1.Options", value=b""),
+     "checkpoint options of type 'containerd.runc.v1.Options': expected containerd.runc.v1.CheckpointOptions"),
+    (Any(type_url="type.googleapis.com/containerd.runc.v1.CheckpointOptions", value=b"\x08"), None),  # a truncated varint
+])
+async def test_bad_checkpoint_options_are_invalid_argument(ch, options, message):
+    await ch.create("c1", "sleep", "30")
+    await ch.start("c1")
+    with pytest.raises(TtrpcError) as err:
+        await checkpoint(ch, "c1", options=options)
+    assert err.value.code == Code.INVALID_ARGUMENT
+    if message is not None:
+        assert err.value.message == message
+    else:
+        assert "do not decode" in err.value.message
+    assert runtime_calls(ch, "c1", "checkpoint") == []
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1")
+
+
+async def test_create_from_checkpoint_restores_at_start(ch):
+    created = await create_restored(ch, "c1", "sh", "-c", "exit 6", checkpoint="/ckpt/c1", parent="/ckpt/parent")
+    bundle = ch.tmp_path / "c1"
+    assert created.pid == 0
+    runtime = ch.service.containers["c1"].runtime
+    assert runtime.calls == []  # no `runc create`
+    state = await ch.state("c1")
+    assert (state.status, state.pid) == (Status.CREATED, 0)
+    assert ch.recorder.find("/tasks/create")[0].event.checkpoint == "/ckpt/c1"
+    assert ch.recorder.find("/tasks/create")[0].event.pid == 0
+    await expect_error(ch.exec("c1", "e1", "true"), Code.UNKNOWN, "cannot exec in a created state")
+    await expect_error(checkpoint(ch, "c1"), Code.UNKNOWN, "cannot checkpoint a task in created state")
+    await expect_error(ch.service.pause(task.PauseRequest(id="c1"), None), Code.UNKNOWN, "cannot pause a created process")
+    started = await ch.start("c1")
+    ((_, _, criu, pid_file, console, no_subreaper, detach),) = runtime_calls(ch, "c1", "restore")
+    assert (criu.image_path, criu.work_path, criu.parent_path) == ("/ckpt/c1", str(bundle / "work"), "/ckpt/parent")
+    assert (pid_file, console, no_subreaper, detach) == ("init.pid", None, True, True)
+    assert started.pid > 0 and started.pid == runtime.init.pid
+    record = await ch.exited("c1")
+    assert ch.recorder.labels() == [("create", "c1"), ("start", "c1"), ("exit", "c1")]
+    assert ch.recorder.find("/tasks/start")[0].event.pid == started.pid
+    assert (record.event.pid, record.event.exit_status) == (started.pid, 6)
+    assert (await ch.wait("c1")).exit_status == 6
+    await expect_error(ch.start("c1"), Code.UNKNOWN, "cannot start a stopped process")
+    deleted = await ch.delete("c1")
+    assert (deleted.pid, deleted.exit_status) == (started.pid, 6)
+
+
+async def test_restored_init_exit_during_restore_follows_start(ch):
+    await create_restored(ch, "c1", "sh", "-c", "exit 2")
+
+    async def on_restore(cid, pid):
+        await ch.exit_seen(pid)  # the restored process died before `runc restore` returned
+        await settle()
+        assert ch.recorder.find("/tasks/exit") == [], "exit published before /tasks/start"
+
+    ch.service.containers["c1"].runtime.on_restore = on_restore
+    started = await ch.start("c1")
+    record = await ch.exited("c1")
+    assert ch.recorder.labels() == [("create", "c1"), ("start", "c1"), ("exit", "c1")]
+    assert (record.event.pid, record.event.exit_status) == (started.pid, 2)
+    await ch.delete("c1")
+
+
+async def test_restore_uses_the_criu_work_path_option_and_exec_works_after(ch):
+    from shim.options import RuntimeOptions
+
+    bundle = ch.tmp_path / "c1"
+    bundle.mkdir()
+    # Create writes the options it was given; the runc options' criu_work_path is what restore uses.
+    original = RuntimeOptions.from_any
+
+    def with_work_path(any_message):
+        options = original(any_message)
+        options.criu_work_path = "/var/criu-work"
+        return options
+
+    RuntimeOptions.from_any = staticmethod(with_work_path)
+    try:
+        await create_restored(ch, "c1", "sleep", "30")
+    finally:
+        RuntimeOptions.from_any = original
+    await ch.start("c1")
+    assert runtime_calls(ch, "c1", "restore")[0][2].work_path == "/var/criu-work"
+    await ch.exec("c1", "e1", "sh", "-c", "exit 1")
+    await ch.start("c1", "e1")
+    assert (await ch.exited("c1", "e1")).event.exit_status == 1
+    await ch.kill("c1", signal.SIGKILL)
+    await ch.exited("c1")
+    await ch.delete("c1", "e1")
+    await ch.delete("c1")
+
+
+async def test_failed_restore_leaves_a_created_task_that_deletes_cleanly(ch):
+    await create_restored(ch, "c1", "sleep", "30")
+    ch.service.containers["c1"].runtime.restore_error = "criu failed: type RESTORE errno 0"
+    await expect_error(ch.start("c1"), Code.UNKNOWN, "OCI runtime restore failed: criu failed: type RESTORE errno 0")
+    state = await ch.state("c1")
+    assert (state.status, state.pid) == (Status.CREATED, 0)
+    await expect_error(ch.kill("c1", signal.SIGKILL), Code.NOT_FOUND, "no such container: not found")
+    deleted = await ch.delete("c1")
+    assert deleted.pid == 0
+    assert ch.service.containers == {}
+    assert ch.recorder.labels() == [("create", "c1"), ("delete", "c1")]
+
+
+async def test_delete_of_a_restored_task_never_started(ch):
+    await create_restored(ch, "c1", "sleep", "30")
+    await ch.delete("c1")
+    assert ch.service.containers == {}
+    assert [c[0] for c in ch.all_runtimes[0].calls] == ["delete"]
+
+
+async def test_restore_with_a_terminal_gets_its_console_at_start(ch):
+    output = ch.tmp_path / "c1.out"
+    output.touch()  # a regular file as stdout: appended to
+    await create_restored(ch, "c1", "sh", "-c", "[ -t 1 ] && echo restored on a tty; exit 5",
+                          terminal=True, stdout=str(output))
+    started = await ch.start("c1")
+    ((*_, console, _, _),) = runtime_calls(ch, "c1", "restore")
+    assert console and not os.path.exists(console)  # a fresh socket, removed once the master came
+    record = await ch.exited("c1")
+    assert (record.event.pid, record.event.exit_status) == (started.pid, 5)
+    assert "restored on a tty" in output.read_text()
+    await ch.delete("c1")
