@@ -160,7 +160,7 @@ def parse_psi(text: str):
 
     psi = PsiStats()
     for line in text.splitlines():
-        kind, *items = line.split()
+        kind, *items = line.split() or [""]
         if kind not in ("some", "full"):
             continue
         data = PsiData()
@@ -184,7 +184,9 @@ def parse_rdma(text: str) -> list:
 
     entries = []
     for line in text.splitlines():
-        device, *items = line.split()
+        device, *items = line.split() or [""]
+        if not device:
+            continue
         entry = RdmaEntry(device=device)
         for item in items:
             key, _, value = item.partition("=")
