@@ -88,6 +88,10 @@ class E2E:
     def address(self) -> str:
         return self.containerd.address
 
+    @property
+    def state(self) -> Path:
+        return self.containerd.state
+
 
 @pytest.fixture(scope="session")
 def session_e2e(containerd: PrivateContainerd) -> E2E:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from test_cgroup_features import _grpc_update, task_pid
-from test_lifecycle import PYSHIM, popen_ctr, read_until
+from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until
 
 from shim import cgroups
 
@@ -71,11 +71,24 @@ def limited(session_e2e):
             proc.wait()
 
 
+def inotify_fds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
 def test_limits_at_create_land_in_the_container_cgroup(limited):
     assert limited.cgroup == Path("/sys/fs/cgroup", limited.e2e.namespace, limited.cid)
     assert limited.read("memory.max") == str(64 * MiB)
     assert limited.read("cpu.max").split() == ["50000", "100000"]
     assert limited.read("pids.max") == "max"  # ctr has no pids flag: the Update test sets one
+    daemons = [p for p in pyshim_daemons(limited.e2e) if os.readlink(f"/proc/{p}/cwd").endswith("/" + limited.cid)]
+    assert len(daemons) == 1
+    assert inotify_fds(daemons[0]) == 1  # the OOM watch on memory.events is armed
 
 
 def test_metrics_are_v2_with_cpu_memory_pids_and_io(limited):
