@@ -106,7 +106,8 @@ def test_metrics_are_v2_with_cpu_memory_pids_and_io(limited):
     assert metrics["memory"]["usage_limit"] == 64 * MiB
     assert metrics["memory"]["swap_limit"] == cgroups.MAX_UINT64
     assert "memory_events" not in metrics or not metrics["memory_events"].get("oom_kill")
-    assert "psi" in metrics["cpu"] and "psi" in metrics["memory"] and "psi" in metrics["io"]  # *.pressure
+    if limited.e2e.containerd.target.id != "1.6":  # 1.6's ctr decodes with a proto that has no psi
+        assert "psi" in metrics["cpu"] and "psi" in metrics["memory"] and "psi" in metrics["io"]
     rdev = os.stat(SCRATCH_DISK).st_rdev
     disk = [e for e in metrics["io"]["usage"]
             if (e.get("major", 0), e.get("minor", 0)) == (os.major(rdev), os.minor(rdev))]
