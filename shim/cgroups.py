@@ -8,8 +8,9 @@ One interface, two implementations chosen by the host, as containerd's runc shim
   `io.containerd.cgroups.v1.Metrics`; OOM comes from an eventfd registered on
   memory.oom_control through cgroup.event_control.
 * `CgroupV2` — unified-only hosts (/sys/fs/cgroup is a cgroup2 mount): one directory.
-  Stats answer `io.containerd.cgroups.v2.Metrics`; OOM is a rise of memory.events'
-  `oom_kill` counter, watched with inotify.
+  Stats answer `io.containerd.cgroups.v2.Metrics` (with PSI from *.pressure and rdma);
+  OOM is a rise of memory.events' `oom_kill` counter, watched with inotify.  Tested for
+  real in a cgroup2-only VM (tests/v2, run by tests/e2e/test_cgroupv2_vm.py).
 
 Files are read defensively, like Go's `Stat(IgnoreNotExist)`: a missing file or controller
 leaves its fields at zero. Numbers follow containerd/cgroups: in v1, "max" (pids.max) is 0;
@@ -155,7 +156,7 @@ def parse_io_stat(text: str) -> list:
 
 def parse_psi(text: str):
     """A *.pressure file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=0" and a "full" line)
-    as PSIStats; None when the file is missing (the kernel has no PSI)."""
+    as PSIStats.  (A kernel without PSI has no such files: the Metrics then carry no psi.)"""
     from shim.api.io.containerd.cgroups.v2 import PsiData, PsiStats
 
     psi = PsiStats()
