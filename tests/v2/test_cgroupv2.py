@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -46,16 +47,45 @@ class Limited:
         return json.loads(self.e2e.ctr("task", "metrics", "--format", "json", self.cid, check=True).stdout)
 
 
+def busybox_rootfs(where: Path) -> Path:
+    rootfs = where / "rootfs"
+    for directory in ("bin", "dev", "proc", "sys", "tmp", "run"):
+        (rootfs / directory).mkdir(parents=True)
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")  # busybox-static
+    for applet in ("sh", "dd", "echo", "sleep"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    return rootfs
+
+
+def limited_spec(e2e, cid: str, rootfs: Path, script: str) -> dict:
+    """ctr's default OCI spec with the limits ctr has no flags for (pids) and the scratch disk.
+    With --config ctr takes the spec as it is: rootfs, args and cgroup path are ours to set."""
+    spec = json.loads(e2e.ctr("oci", "spec", check=True).stdout)
+    spec["root"] = {"path": str(rootfs)}
+    spec["process"].update(args=["sh", "-c", script], env=["PATH=/bin"], terminal=False)
+    linux = spec["linux"]
+    linux["cgroupsPath"] = f"/{e2e.namespace}/{cid}"
+    rdev = os.stat(SCRATCH_DISK).st_rdev
+    disk = {"type": "b", "major": os.major(rdev), "minor": os.minor(rdev)}
+    linux["devices"] = [*linux.get("devices", []), {"path": SCRATCH_DISK, **disk, "fileMode": 0o600, "uid": 0, "gid": 0}]
+    resources = linux.setdefault("resources", {})
+    resources["devices"] = [*resources.get("devices", []), {"allow": True, **disk, "access": "rwm"}]
+    resources.update(memory={"limit": 64 * MiB}, cpu={"quota": 50000, "period": 100000}, pids={"limit": 32})
+    return spec
+
+
 @pytest.fixture(scope="module")
-def limited(session_e2e):
-    """A container created with a 64 MiB memory limit and half a CPU that has read 8 MiB from
-    the scratch disk and holds a 20 MiB tmpfs file (memory charged to it that stays)."""
+def limited(session_e2e, tmp_path_factory):
+    """A container created with 64 MiB of memory, half a CPU and 32 pids that has read 8 MiB
+    from the scratch disk and holds a 20 MiB tmpfs file (memory charged to it that stays)."""
     e2e = session_e2e
     cid = e2e.new_id("limited")
+    where = tmp_path_factory.mktemp("limited")
     script = (f"dd if={SCRATCH_DISK} of=/dev/null bs=1M count=8 2>/dev/null; "
               "dd if=/dev/zero of=/dev/shm/fill bs=1M count=20 2>/dev/null; echo ready; sleep 600")
-    proc = popen_ctr(e2e, "run", "--rm", "--runtime", PYSHIM, "--memory-limit", str(64 * MiB), "--cpus", "0.5",
-                     "--device", SCRATCH_DISK, e2e.image, cid, "sh", "-c", script,
+    spec = where / "config.json"
+    spec.write_text(json.dumps(limited_spec(e2e, cid, busybox_rootfs(where), script)))
+    proc = popen_ctr(e2e, "run", "--rm", "--runtime", PYSHIM, "--config", str(spec), cid,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         read_until(proc.stdout, "ready", timeout=SLOW)
@@ -85,7 +115,7 @@ def test_limits_at_create_land_in_the_container_cgroup(limited):
     assert limited.cgroup == Path("/sys/fs/cgroup", limited.e2e.namespace, limited.cid)
     assert limited.read("memory.max") == str(64 * MiB)
     assert limited.read("cpu.max").split() == ["50000", "100000"]
-    assert limited.read("pids.max") == "max"  # ctr has no pids flag: the Update test sets one
+    assert limited.read("pids.max") == "32"
     daemons = [p for p in pyshim_daemons(limited.e2e) if os.readlink(f"/proc/{p}/cwd").endswith("/" + limited.cid)]
     assert len(daemons) == 1
     assert inotify_fds(daemons[0]) == 1  # the OOM watch on memory.events is armed
@@ -97,7 +127,7 @@ def test_metrics_are_v2_with_cpu_memory_pids_and_io(limited):
     assert "memory.usage_limit" in table and "cpu.usage_usec" in table, table
     metrics = limited.metrics()
     assert metrics["pids"]["current"] >= 1  # sh, or the sleep it execs
-    assert metrics["pids"]["limit"] == cgroups.MAX_UINT64
+    assert metrics["pids"]["limit"] == 32
     assert metrics["cpu"]["usage_usec"] > 0
     assert metrics["cpu"]["usage_usec"] >= metrics["cpu"].get("user_usec", 0) + metrics["cpu"].get("system_usec", 0) > 0
     assert metrics["cpu"]["nr_periods"] > 0  # a quota is set, so CFS counts periods
