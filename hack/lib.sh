@@ -9,14 +9,18 @@
 #   pyshim_private_deps         containerd 1.7.24 (trixie), containerd 2.1.9 and runc 1.3.6 (sid)
 #                               unpacked under $PYSHIM_DEPS without touching the system's apt state
 #   pyshim_venv                 $PYSHIM_ROOT/.venv from /usr/bin/python3 with `pip install -e .[test]`
+#   pyshim_vm_deps              (not in "all") qemu and the cgroup v2 test VM's kernel and initramfs
 #
 # Environment:
 #   PYSHIM_DEPS   where the private binaries go (default /opt/pyshim-deps)
+#   PYSHIM_VM_ASSETS  where hack/vm/build-assets keeps the VM's kernel and initramfs
+#                 (default $PYSHIM_DEPS/v2vm)
 
 PYSHIM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYSHIM_DEPS="${PYSHIM_DEPS:-/opt/pyshim-deps}"
 PYSHIM_VENV="$PYSHIM_ROOT/.venv"
-export PYSHIM_ROOT PYSHIM_DEPS
+PYSHIM_VM_ASSETS="${PYSHIM_VM_ASSETS:-$PYSHIM_DEPS/v2vm}"
+export PYSHIM_ROOT PYSHIM_DEPS PYSHIM_VM_ASSETS
 
 # Debian packages the project and its tests need on the machine itself.
 #   containerd 1.6.20 + runc 1.1.5: the "1.6" e2e target (and runc for the "1.7" one)
@@ -254,6 +258,27 @@ pyshim_venv() {
             --config-settings editable_mode=compat -e "$PYSHIM_ROOT[test]"
         echo "$want" >"$stamp"
     ) 9>"$PYSHIM_VENV/.pyshim.lock"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The cgroup v2 test VM (hack/vm): qemu, plus a kernel and initramfs built outside the checkout
+# ---------------------------------------------------------------------------------------------
+
+PYSHIM_VM_APT_PACKAGES=(qemu-system-x86 busybox-static)
+
+pyshim_vm_deps() {
+    local missing=() p
+    for p in "${PYSHIM_VM_APT_PACKAGES[@]}"; do
+        _pyshim_pkg_installed "$p" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        pyshim_require_root
+        pyshim_log "installing Debian packages for the cgroup v2 VM: ${missing[*]}"
+        _pyshim_apt_update_once
+        DEBIAN_FRONTEND=noninteractive pyshim_quiet apt-get -o DPkg::Lock::Timeout=300 install -y \
+            --no-install-recommends "${missing[@]}"
+    fi
+    pyshim_quiet /usr/bin/python3 "$PYSHIM_ROOT/hack/vm/build-assets" "$PYSHIM_VM_ASSETS"
 }
 
 pyshim_install_all() {

@@ -8,8 +8,9 @@ One interface, two implementations chosen by the host, as containerd's runc shim
   `io.containerd.cgroups.v1.Metrics`; OOM comes from an eventfd registered on
   memory.oom_control through cgroup.event_control.
 * `CgroupV2` — unified-only hosts (/sys/fs/cgroup is a cgroup2 mount): one directory.
-  Stats answer `io.containerd.cgroups.v2.Metrics`; OOM is a rise of memory.events'
-  `oom_kill` counter, watched with inotify.
+  Stats answer `io.containerd.cgroups.v2.Metrics` (with PSI from *.pressure and rdma);
+  OOM is a rise of memory.events' `oom_kill` counter, watched with inotify.  Tested for
+  real in a cgroup2-only VM (tests/v2, run by tests/e2e/test_cgroupv2_vm.py).
 
 Files are read defensively, like Go's `Stat(IgnoreNotExist)`: a missing file or controller
 leaves its fields at zero. Numbers follow containerd/cgroups: in v1, "max" (pids.max) is 0;
@@ -28,6 +29,7 @@ log = logging.getLogger("shim.cgroups")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 MAX_UINT64 = 2**64 - 1
+MAX_UINT32 = 2**32 - 1
 V1_METRICS_TYPE = "io.containerd.cgroups.v1.Metrics"
 V2_METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
 #: cpuacct.stat counts USER_HZ ticks; Go's cgroups hardcodes 100 as we do.
@@ -148,6 +150,52 @@ def parse_io_stat(text: str) -> list:
             key, _, value = item.partition("=")
             if key in ("rbytes", "wbytes", "rios", "wios"):
                 setattr(entry, key, parse_uint(value))
+        entries.append(entry)
+    return entries
+
+
+def parse_psi(text: str):
+    """A *.pressure file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=0" and a "full" line)
+    as PSIStats.  (A kernel without PSI has no such files: the Metrics then carry no psi.)"""
+    from shim.api.io.containerd.cgroups.v2 import PsiData, PsiStats
+
+    psi = PsiStats()
+    for line in text.splitlines():
+        kind, *items = line.split() or [""]
+        if kind not in ("some", "full"):
+            continue
+        data = PsiData()
+        for item in items:
+            key, _, value = item.partition("=")
+            try:
+                if key in ("avg10", "avg60", "avg300"):
+                    setattr(data, key, float(value))
+                elif key == "total":
+                    data.total = parse_uint(value)
+            except ValueError:
+                pass
+        setattr(psi, kind, data)
+    return psi
+
+
+def parse_rdma(text: str) -> list:
+    """rdma.current / rdma.max ("mlx4_0 hca_handle=2 hca_object=2000") as RdmaEntry list;
+    "max" is math.MaxUint32, as Go reads it."""
+    from shim.api.io.containerd.cgroups.v2 import RdmaEntry
+
+    entries = []
+    for line in text.splitlines():
+        device, *items = line.split() or [""]
+        if not device:
+            continue
+        entry = RdmaEntry(device=device)
+        for item in items:
+            key, _, value = item.partition("=")
+            number = parse_uint(value, MAX_UINT32) & MAX_UINT32
+            if key == "hca_handle":
+                entry.hca_handles = number
+            elif key == "hca_object":
+                entry.hca_objects = number
         entries.append(entry)
     return entries
 
@@ -462,7 +510,8 @@ class CgroupV2(Cgroup):
         )
         cpu = parse_keyed(_read(d, "cpu.stat") or "")
         metrics.cpu = v2.CpuStat(**{k: cpu.get(k, 0) for k in (
-            "usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec")})
+            "usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec",
+            "nr_bursts", "burst_usec")}, psi=self._psi("cpu.pressure"))
         memory = v2_memory_stat(parse_keyed(_read(d, "memory.stat") or ""))
         memory.usage = _read_uint(d, "memory.current")
         memory.usage_limit = _read_uint(d, "memory.max", MAX_UINT64)
@@ -470,10 +519,14 @@ class CgroupV2(Cgroup):
         memory.swap_usage = _read_uint(d, "memory.swap.current")
         memory.swap_limit = _read_uint(d, "memory.swap.max", MAX_UINT64)
         memory.swap_max_usage = _read_uint(d, "memory.swap.peak")
+        memory.psi = self._psi("memory.pressure")
         metrics.memory = memory
         events = parse_keyed(_read(d, "memory.events") or "")
-        metrics.memory_events = v2.MemoryEvents(**{k: events.get(k, 0) for k in ("low", "high", "max", "oom", "oom_kill")})
-        metrics.io = v2.IoStat(usage=parse_io_stat(_read(d, "io.stat") or ""))
+        metrics.memory_events = v2.MemoryEvents(
+            **{k: events.get(k, 0) for k in ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")})
+        metrics.io = v2.IoStat(usage=parse_io_stat(_read(d, "io.stat") or ""), psi=self._psi("io.pressure"))
+        metrics.rdma = v2.RdmaStat(current=parse_rdma(_read(d, "rdma.current") or ""),
+                                   limit=parse_rdma(_read(d, "rdma.max") or ""))
         metrics.hugetlb = [
             v2.HugeTlbStat(
                 pagesize=size,
@@ -484,6 +537,10 @@ class CgroupV2(Cgroup):
             if os.path.exists(os.path.join(d, f"hugetlb.{size}.current"))
         ]
         return metrics
+
+    def _psi(self, name: str):
+        text = _read(self.directory, name)
+        return None if text is None else parse_psi(text)
 
     def watch_oom(self, on_oom: Callable[[], None]) -> OomWatch | None:
         if not os.path.exists(os.path.join(self.directory, "memory.events")):

@@ -162,6 +162,45 @@ def test_v2_stats_from_files(tmp_path):
     assert v2.Metrics.parse(bytes(m)).memory.usage == 12288
 
 
+def test_parse_psi():
+    psi = cgroups.parse_psi("some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\n"
+                            "full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")
+    assert (psi.some.avg10, psi.some.avg60, psi.some.total) == (1.5, 0.25, 12345)
+    assert psi.full.total == 7
+    assert cgroups.parse_psi("some avg10=x total=3\nbogus\n\n").some.total == 3  # garbage is 0
+    assert cgroups.parse_psi("").some is None
+
+
+def test_parse_rdma():
+    entries = cgroups.parse_rdma("mlx4_0 hca_handle=2 hca_object=2000\nocrdma1 hca_handle=max hca_object=max\n\n")
+    assert [(e.device, e.hca_handles, e.hca_objects) for e in entries] == [
+        ("mlx4_0", 2, 2000), ("ocrdma1", 2**32 - 1, 2**32 - 1)]
+
+
+def test_v2_stats_pressure_bursts_group_kills_and_rdma(tmp_path):
+    pressure = "some avg10=0.00 avg60=0.00 avg300=0.00 total=11\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=5\n"
+    write_tree(tmp_path, {
+        "cpu.stat": "usage_usec 1\nnr_bursts 4\nburst_usec 900\n",
+        "cpu.pressure": pressure,
+        "memory.pressure": pressure,
+        "io.pressure": pressure,
+        "memory.events": "low 0\nhigh 0\nmax 0\noom 2\noom_kill 2\noom_group_kill 1\n",
+        "rdma.current": "mlx4_0 hca_handle=1 hca_object=3\n",
+        "rdma.max": "mlx4_0 hca_handle=max hca_object=10\n",
+    })
+    m = cgroups.CgroupV2(str(tmp_path)).stats()
+    assert (m.cpu.nr_bursts, m.cpu.burst_usec) == (4, 900)
+    assert (m.cpu.psi.some.total, m.memory.psi.full.total, m.io.psi.some.total) == (11, 5, 11)
+    assert m.memory_events.oom_group_kill == 1
+    assert (m.rdma.current[0].hca_objects, m.rdma.limit[0].hca_handles) == (3, 2**32 - 1)
+    assert v2.Metrics.parse(bytes(m)).cpu.psi.some.total == 11
+
+
+def test_v2_stats_without_pressure_files_has_no_psi(tmp_path):
+    m = cgroups.CgroupV2(str(tmp_path)).stats()
+    assert m.cpu.psi is None and m.memory.psi is None and m.io.psi is None
+
+
 def test_load_gone_process():
     assert cgroups.load(2**22 + 12345) is None
 

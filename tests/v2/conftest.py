@@ -1,0 +1,106 @@
+"""Fixtures for the cgroup v2 tests: a private containerd per version, as tests/e2e has.
+
+These tests need a host whose /sys/fs/cgroup is cgroup2 (unified only).  Elsewhere nothing here
+is collected: on cgroup v1 machines tests/e2e/test_cgroupv2_vm.py runs this folder inside a
+qemu guest that mounts only cgroup2 (hack/vm/run-in-vm) and fails when it does not pass.
+
+They reuse tests/e2e's helpers (PrivateContainerd, the busybox image, the ctr and gRPC helpers
+of its tests); the `e2e` fixture here has the same shape as tests/e2e's.
+
+Environment:
+  PYSHIM_V2_VERSIONS   comma-separated containerd versions (default 2.1, the newest; 1.6,2.1
+                       adds the system's; each version costs minutes under emulation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from containerd import IMAGE_REF, TARGETS, PrivateContainerd, build_busybox_image, image_cache_dir  # noqa: E402
+
+from shim import cgroups  # noqa: E402
+
+if not cgroups.is_unified():
+    collect_ignore_glob = ["test_*.py"]
+
+VERSIONS = [v.strip() for v in os.environ.get("PYSHIM_V2_VERSIONS", "2.1").split(",") if v.strip()]
+
+
+@pytest.fixture(scope="session")
+def busybox_image() -> Path:
+    return build_busybox_image(image_cache_dir())
+
+
+@pytest.fixture(scope="session", params=VERSIONS)
+def containerd(request: pytest.FixtureRequest, busybox_image: Path):
+    target = TARGETS[request.param]
+    missing = target.missing()
+    if missing:
+        pytest.fail(f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test")
+    # A tmpfs (the VM's /tmp): overlayfs snapshots need a non-overlay dir, and no stale
+    # private containerds of other runs are swept there.
+    base = Path(tempfile.mkdtemp(prefix="pyshim-v2-"))
+    c = PrivateContainerd(target, base_dir=base)
+    c.image_archive = busybox_image
+    try:
+        c.start(timeout=120)
+    except BaseException:
+        c.close()
+        raise
+    yield c
+    log_tail = c.log_tail(40)
+    leftovers = c.close()
+    if leftovers:
+        pytest.fail(f"containerd {target.id}: left behind:\n  " + "\n  ".join(leftovers)
+                    + f"\ncontainerd log tail:\n{log_tail}")
+
+
+@dataclasses.dataclass
+class E2E:
+    """Per-test handle: a fresh namespace with the test image on the session's containerd."""
+
+    containerd: PrivateContainerd
+    namespace: str
+    image: str = IMAGE_REF
+    _ids: itertools.count = dataclasses.field(default_factory=itertools.count)
+
+    def new_id(self, prefix: str = "c") -> str:
+        id = f"{prefix}-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        self.containerd.note_task(self.namespace, id)
+        return id
+
+    def ctr(self, *args: str, **kw):
+        kw.setdefault("namespace", self.namespace)
+        kw.setdefault("timeout", 180)
+        return self.containerd.ctr(*args, **kw)
+
+    @property
+    def address(self) -> str:
+        return self.containerd.address
+
+    @property
+    def state(self) -> Path:
+        return self.containerd.state
+
+
+@pytest.fixture(scope="session")
+def session_e2e(containerd: PrivateContainerd) -> E2E:
+    """One namespace per containerd: importing the image costs seconds under emulation, and
+    every test uses its own container ids.  Tasks left behind are killed when the session's
+    containerd is closed (tests here may share a container: see test_cgroupv2.py)."""
+    return E2E(containerd, containerd.new_namespace("v2", image=containerd.image_archive))
+
+
+@pytest.fixture
+def e2e(session_e2e: E2E) -> E2E:
+    return session_e2e
