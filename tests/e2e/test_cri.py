@@ -271,3 +271,20 @@ def test_group_annotation_puts_containers_in_one_shim(e2e):
     assert asyncio.run(_wait_gone(daemons, 10)) == [], "the shim outlived its last task"
     for cid in cids:
         e2e.ctr("container", "rm", cid, check=True)
+
+
+def test_runtime_info_through_containerd(e2e, tmp_path):
+    """containerd 2.x runs `-info` for `ctr plugins inspect-runtime` (and for CRI): the same
+    features document as the runc shim's, for the same runc, and the options echoed."""
+    if e2e.version.startswith("1."):
+        pytest.skip("containerd 1.x never asks a shim for -info")
+    runc = str(e2e.containerd.runc)
+    config = tmp_path / "pyshim.toml"
+    config.write_text(f"BinaryName = {json.dumps(runc)}\n")
+    ours = json.loads(e2e.ctr("plugins", "inspect-runtime", "--runtime", PYSHIM_RUNTIME,
+                              "--runtime-config-path", str(config), check=True).stdout)
+    theirs = json.loads(e2e.ctr("plugins", "inspect-runtime", "--runtime", "io.containerd.runc.v2",
+                                "--runc-binary", runc, check=True).stdout)
+    assert ours["Name"] == PYSHIM_RUNTIME
+    assert ours["Features"] == theirs["Features"] and ours["Features"]["ociVersionMin"]
+    assert ours["Options"]["config_path"] == str(config), ours["Options"]
