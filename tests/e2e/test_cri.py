@@ -11,6 +11,7 @@ instance, so that its cleanup finds their cgroups.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -40,7 +41,9 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
     missing = target.missing()
     if missing:
         msg = f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test"
-        pytest.fail(msg) if REQUIRED else pytest.skip(msg)
+        if REQUIRED:
+            pytest.fail(msg)
+        pytest.skip(msg)
     pause = build_pause_image(image_cache_dir())
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF, handler=HANDLER))
     # The pods' cgroup parent: a name close() treats as one of ours (cgroups are killed and
@@ -60,7 +63,7 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
     yield c
     log_tail = c.log_tail(40)
     leftovers = c.close()
-    assert not leftovers, f"left behind:\n  " + "\n  ".join(leftovers) + f"\n{log_tail}"
+    assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers) + f"\n{log_tail}"
 
 
 async def _wait_for_images(c: PrivateContainerd, refs: list[str], timeout: float = 20) -> None:
@@ -145,11 +148,37 @@ async def _remove_pod(client: CriClient, pod: str) -> None:
     await client.runtime("RemovePodSandbox", cri_v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
 
+@contextlib.asynccontextmanager
+async def _pod(client: CriClient, c: PrivateContainerd, name: str):
+    """A running pod sandbox (id, config), stopped and removed afterwards. When the body
+    fails, containerd's log (with the shim's lines) is printed and the removal is best effort:
+    the body's error is the one to see."""
+    config = _pod_config(c, name)
+    pod = await _run_pod(client, config)
+    try:
+        yield pod, config
+    except BaseException:
+        print(f"--- containerd log tail ---\n{c.log_tail(200)}")
+        with contextlib.suppress(Exception):
+            await _remove_pod(client, pod)
+        raise
+    await _remove_pod(client, pod)
+
+
 async def _wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
     deadline = time.monotonic() + timeout
     while (alive := [p for p in pids if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return alive
+
+
+async def _wait_cmdline(pid: int, cmdline: bytes, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/cmdline").read_bytes() != cmdline:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -172,17 +201,16 @@ async def test_pod_runs_on_pyshim_with_one_shim_for_its_containers(cri):
         assert version.runtime_api_version == "v1"
         assert _daemons(cri) == []
 
-        config = _pod_config(cri, "grouped")
-        pod = await _run_pod(client, config)
-        try:
+        async with _pod(client, cri, "grouped") as (pod, config):
             sandbox = await client.runtime("PodSandboxStatus", cri_v1.PodSandboxStatusRequest(
                 pod_sandbox_id=pod, verbose=True))
             assert sandbox.status.state == cri_v1.PodSandboxState.SANDBOX_READY
             assert sandbox.status.runtime_handler == HANDLER
             info = json.loads(sandbox.info["info"])
             pause_pid = info["pid"]
-            # The sandbox is the pause program, sleeping in pause(2), run by pyshim.
-            assert Path(f"/proc/{pause_pid}/cmdline").read_bytes() == b"/pause\0"
+            # The sandbox is the pause program, run by pyshim (`runc start` returns before
+            # runc's init has exec'd it).
+            assert await _wait_cmdline(pause_pid, b"/pause\0")
             assert info["runtimeType"] == PYSHIM_RUNTIME
             daemons = _daemons(cri)
             assert len(daemons) == 1, daemons
@@ -229,8 +257,6 @@ async def test_pod_runs_on_pyshim_with_one_shim_for_its_containers(cri):
             r = await client.runtime("ExecSync", cri_v1.ExecSyncRequest(
                 container_id=cids[1], cmd=["echo", "still here"], timeout=30))
             assert r.stdout == b"still here\n"
-        finally:
-            await _remove_pod(client, pod)
         # The group's last task is gone: so is its shim, and its socket.
         assert await _wait_gone(daemons) == [], "the pod's shim outlived the pod"
         assert not (cri.cri_runc_root / CRI_NAMESPACE / pod).exists()
@@ -238,16 +264,12 @@ async def test_pod_runs_on_pyshim_with_one_shim_for_its_containers(cri):
 
 async def test_oom_killed_container_says_so(cri):
     async with CriClient(cri.address) as client:
-        config = _pod_config(cri, "oom")
-        pod = await _run_pod(client, config)
-        try:
+        async with _pod(client, cri, "oom") as (pod, config):
             cid = await _start_container(client, pod, config, _container_config(
                 "hog", "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1",
                 memory=32 << 20))
             status = await _wait_exited(client, cid)
             assert (status.reason, status.exit_code) == ("OOMKilled", 137), status
-        finally:
-            await _remove_pod(client, pod)
 
 
 def test_group_annotation_puts_containers_in_one_shim(e2e):
@@ -259,8 +281,10 @@ def test_group_annotation_puts_containers_in_one_shim(e2e):
                 check=True)
     addresses = {(e2e.bundle_dir(cid) / "address").read_text() for cid in cids}
     assert len(addresses) == 1, addresses
-    daemons = [p for p in pyshim_daemons(e2e) if os.readlink(f"/proc/{p}/cwd") == str(e2e.bundle_dir(cids[0]))]
-    assert len(daemons) == 1 and len(pyshim_daemons(e2e)) == 1
+    # other tests' shims may still be exiting: count the daemons in this test's namespace
+    ours = [p for p in pyshim_daemons(e2e) if os.readlink(f"/proc/{p}/cwd").startswith(f"{e2e.bundle_dir('')}/")]
+    daemons = [p for p in ours if os.readlink(f"/proc/{p}/cwd") == str(e2e.bundle_dir(cids[0]))]
+    assert len(daemons) == 1 and ours == daemons, ours
     for cid in cids:
         assert task_status(e2e, cid) == "RUNNING"
         e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
