@@ -14,7 +14,11 @@ from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
 from shim.info import FEATURES_TYPE_URL
 
-FEATURES = {"ociVersionMin": "1.0.0", "ociVersionMax": "1.2.0", "linux": {"mountExtensions": {"idmap": {"enabled": True}}}}
+FEATURES = {
+    "ociVersionMin": "1.0.0",
+    "ociVersionMax": "1.2.0",
+    "linux": {"mountExtensions": {"idmap": {"enabled": True}}},
+}
 
 
 def run_info(stdin: bytes, path: str | None = None) -> subprocess.CompletedProcess:
