@@ -730,12 +730,17 @@ class PrivateContainerd:
                 ours.append((pid, cmd))
         return ours
 
+    def _own_namespaces(self) -> list[str]:
+        """The namespaces this instance made (named with its token). Others it may list, such
+        as the CRI's k8s.io, share machine-wide runc roots and cgroup names: not ours to clean."""
+        return [ns for ns in self.namespaces if ns.startswith(f"pyshim-{self.token}-")]
+
     def _our_cgroups(self) -> list[Path]:
         found = []
         if not CGROUP_V1_ROOT.is_dir():
             return found
         for ctrl in CGROUP_V1_ROOT.iterdir():
-            for ns in self.namespaces:
+            for ns in self._own_namespaces():
                 if (ctrl / ns).is_dir():
                     found.append(ctrl / ns)
         return found
@@ -795,9 +800,8 @@ class PrivateContainerd:
                 pass
         self._known_tasks()
 
-        # runc containers left in our namespaces (their shims may be gone already); the
-        # machine-wide runc root of a namespace we did not make (k8s.io with CRI) is not ours
-        own = [ns for ns in self.namespaces if ns.startswith(f"pyshim-{self.token}-")]
+        # runc containers left in our namespaces (their shims may be gone already)
+        own = self._own_namespaces()
         roots = [RUNC_ROOT / ns for ns in own]
         if self.cri_runc_root.is_dir():
             roots += [d for d in self.cri_runc_root.iterdir() if d.is_dir()]
@@ -857,8 +861,8 @@ class PrivateContainerd:
         out += [f"mount {m}" for m in _mounts_under(self.dir)]
         out += [f"cgroup {c}" for c in self._our_cgroups()]
         out += [f"shim socket {s}" for s in self._our_shim_sockets() if os.path.exists(s)]
-        out += [f"runc state {RUNC_ROOT / ns}" for ns in self.namespaces
-                if ns.startswith(f"pyshim-{self.token}-") and (RUNC_ROOT / ns).exists()]
+        out += [f"runc state {RUNC_ROOT / ns}" for ns in self._own_namespaces()
+                if (RUNC_ROOT / ns).exists()]
         return out
 
     def __enter__(self) -> PrivateContainerd:
