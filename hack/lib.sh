@@ -31,6 +31,7 @@ PYSHIM_APT_PACKAGES=(
     containerd runc crun criu busybox-static
     python3 python3-venv
     patchelf util-linux procps ca-certificates debian-archive-keyring
+    gcc libc6-dev  # tests/e2e/pause.c, the CRI tests' pod sandbox, is built with gcc -static
 )
 
 # name  source-package  suite   wanted upstream version

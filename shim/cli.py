@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print_version()
         return 0
     if flags.info:
-        print("containerd-shim-pyshim-v2: -info is not implemented yet", file=sys.stderr)
-        return 1
+        from shim.info import main as print_info
+
+        return print_info()
     if flags.action == "start":
         from shim.start import start
 

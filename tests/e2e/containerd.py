@@ -112,6 +112,22 @@ class CtrResult:
         return f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}"
 
 
+@dataclasses.dataclass(frozen=True)
+class CriConfig:
+    """Opt-in CRI plugin for a PrivateContainerd: one runtime handler and the sandbox image.
+
+    The handler's `options` table goes to the shim as containerd passes it to a runtime type
+    other than runc's: runtimeoptions.v1.Options with the table as TOML (inline in 1.7+, as a
+    file named by ConfigPath in 1.6). Root defaults to a runc root inside the instance's dir,
+    BinaryName to the instance's runc: nothing of the machine's runc state is touched.
+    """
+
+    sandbox_image: str
+    handler: str = "pyshim"
+    runtime_type: str = PYSHIM_RUNTIME
+    options: tuple[tuple[str, object], ...] = ()
+
+
 # ------------------------------------------------------------------------------------------
 # The test image
 # ------------------------------------------------------------------------------------------
@@ -374,6 +390,7 @@ class PrivateContainerd:
         shim_bin_dir: Path | str | None = None,
         snapshotter: str | None = None,
         enable_cri: bool = False,
+        cri: CriConfig | None = None,
         extra_config: str = "",
         log_level: str = "debug",
     ) -> None:
@@ -401,7 +418,10 @@ class PrivateContainerd:
         self.log_path = self.dir / "containerd.log"
         self.fifo_dir = self.dir / "fifo"
         self.snapshotter = snapshotter or _pick_snapshotter(self.dir)
-        self.enable_cri = enable_cri
+        self.enable_cri = enable_cri or cri is not None
+        self.cri = cri
+        # runc's --root for the CRI handler (see CriConfig)
+        self.cri_runc_root = self.dir / "runc"
         self.extra_config = extra_config
         self.log_level = log_level
         self.path_env = f"{self.bin_dir}:{self.shim_bin_dir}:{SYSTEM_PATH}"
@@ -461,9 +481,69 @@ class PrivateContainerd:
                 '  [plugins."io.containerd.runtime.v1.linux"]',
                 f"    runtime_root = {q(str(self.state / 'runtime-v1-root'))}",
             ]
+        if self.cri is not None:
+            lines += ["", *self._cri_config_lines(self.cri)]
         if self.extra_config:
             lines += ["", self.extra_config]
         self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _cri_config_lines(self, cri: CriConfig) -> list[str]:
+        """The CRI plugin's tables (config version 2 for 1.x, 3 for 2.x), all state in our dir.
+
+        No CNI plugins: the tests' pods use the host network, which needs none; the CNI dirs
+        are private and empty so that nothing of the machine's /etc/cni is read. The
+        machine lacks CAP_SYS_RESOURCE, hence restrict_oom_score_adj (the CRI would give the
+        pause container -998 otherwise, which runc cannot set).
+        """
+        def q(s: object) -> str:
+            return json.dumps(s)
+
+        options = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root),
+                   "SystemdCgroup": False, **dict(cri.options)}
+        cni = self.dir / "cni"
+        for d in (cni / "bin", cni / "net.d"):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.target.config_version >= 3:
+            runtime, images = "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images"
+            lines = [
+                f'  [plugins."{images}"]',
+                f"    snapshotter = {q(self.snapshotter)}",
+                f'  [plugins."{images}".pinned_images]',
+                f"    sandbox = {q(cri.sandbox_image)}",
+                f'  [plugins."{runtime}"]',
+            ]
+            section = f'plugins."{runtime}"'
+        else:
+            lines = [
+                '  [plugins."io.containerd.grpc.v1.cri"]',
+                f"    sandbox_image = {q(cri.sandbox_image)}",
+            ]
+            section = 'plugins."io.containerd.grpc.v1.cri"'
+        lines += [
+            "    restrict_oom_score_adj = true",
+            "    disable_apparmor = true",
+            "    enable_selinux = false",
+            "    enable_cdi = false",
+            f"  [{section}.cni]",
+            f"    bin_dir = {q(str(cni / 'bin'))}",
+            f"    conf_dir = {q(str(cni / 'net.d'))}",
+            f"  [{section}.containerd]",
+            f"    default_runtime_name = {q(cri.handler)}",
+        ]
+        if self.target.config_version < 3:
+            lines.append(f"    snapshotter = {q(self.snapshotter)}")
+        handler = f"{section}.containerd.runtimes.{cri.handler}"
+        lines += [f"  [{handler}]", f"    runtime_type = {q(cri.runtime_type)}"]
+        lines.append(f"  [{handler}.options]")
+        if self.target.id == "1.6":
+            # 1.6 decodes the table into runtimeoptions.v1.Options itself: the runc options
+            # can only travel in a file.
+            path = self.dir / f"cri-{cri.handler}-options.toml"
+            path.write_text("".join(f"{k} = {q(v)}\n" for k, v in options.items()))
+            lines.append(f"    ConfigPath = {q(str(path))}")
+        else:
+            lines += [f"    {k} = {q(v)}" for k, v in options.items()]
+        return lines
 
     def start(self, timeout: float = 30.0) -> PrivateContainerd:
         sweep_stale(self.dir.parent)
@@ -672,12 +752,17 @@ class PrivateContainerd:
                 ours.append((pid, cmd))
         return ours
 
+    def _own_namespaces(self) -> list[str]:
+        """The namespaces this instance made (named with its token). Others it may list, such
+        as the CRI's k8s.io, share machine-wide runc roots and cgroup names: not ours to clean."""
+        return [ns for ns in self.namespaces if ns.startswith(f"pyshim-{self.token}-")]
+
     def _our_cgroups(self) -> list[Path]:
         found = []
         if not CGROUP_V1_ROOT.is_dir():
             return found
         for ctrl in CGROUP_V1_ROOT.iterdir():
-            for ns in self.namespaces:
+            for ns in self._own_namespaces():
                 if (ctrl / ns).is_dir():
                     found.append(ctrl / ns)
         return found
@@ -738,8 +823,11 @@ class PrivateContainerd:
         self._known_tasks()
 
         # runc containers left in our namespaces (their shims may be gone already)
-        for ns in self.namespaces:
-            rroot = RUNC_ROOT / ns
+        own = self._own_namespaces()
+        roots = [RUNC_ROOT / ns for ns in own]
+        if self.cri_runc_root.is_dir():
+            roots += [d for d in self.cri_runc_root.iterdir() if d.is_dir()]
+        for rroot in roots:
             if rroot.is_dir():
                 for c in rroot.iterdir():
                     subprocess.run([str(self.runc), "--root", str(rroot), "delete", "--force",
@@ -780,7 +868,7 @@ class PrivateContainerd:
                 os.unlink(sock)
             except OSError:
                 pass
-        for ns in self.namespaces:
+        for ns in own:
             shutil.rmtree(RUNC_ROOT / ns, ignore_errors=True)
 
         leftovers = self.leftovers()
@@ -795,7 +883,7 @@ class PrivateContainerd:
         out += [f"mount {m}" for m in _mounts_under(self.dir)]
         out += [f"cgroup {c}" for c in self._our_cgroups()]
         out += [f"shim socket {s}" for s in self._our_shim_sockets() if os.path.exists(s)]
-        out += [f"runc state {RUNC_ROOT / ns}" for ns in self.namespaces
+        out += [f"runc state {RUNC_ROOT / ns}" for ns in self._own_namespaces()
                 if (RUNC_ROOT / ns).exists()]
         return out
 
