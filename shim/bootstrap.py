@@ -13,6 +13,10 @@ containerd 2.0+    ``{"version":3,...}`` (2 means the ttrpc v2 Task API to it)
 containerd 2.3+    a BootstrapResult message (it sent BootstrapParams on stdin), version 3
 =================  =================================================================
 
+containerd 2.x parses the gRPC reply but drops the shim right after connecting (see
+CONTAINERD2_DROPS_GRPC_SHIMS), so there ttrpc is served unless PYSHIM_GRPC_ON_CONTAINERD2=1
+(for trying a containerd that fixed it). Every fallback is logged by the daemon.
+
 Telling 1.7 from 2.x at `start` time: their environments are the same (MAX_SHIM_VERSION is
 still the literal 2 in 2.x), and so are the command line and stdin. What differs for sure is
 containerd's Go module path, which semantic import versioning puts in every 2.x binary:
@@ -37,8 +41,18 @@ import os
 PROTOCOL_ENV = "PYSHIM_PROTOCOL"
 #: Why gRPC was asked for but ttrpc is served; the daemon logs it.
 FALLBACK_ENV = "PYSHIM_PROTOCOL_FALLBACK"
+#: "1": serve gRPC to containerd 2.x as well, despite CONTAINERD2_DROPS_GRPC_SHIMS.
+GRPC_ON_CONTAINERD2_ENV = "PYSHIM_GRPC_ON_CONTAINERD2"
 #: The newest Task API version containerd knows (2.x's CurrentShimVersion).
 NEWEST_SHIM_VERSION = 3
+#: Seen with 2.1.9 and in the source of 2.0.0 .. main (2026-08, core/runtime/v2/shim.go,
+#: grpcDialContext): the client is made with grpc.NewClient, which starts IDLE, and the
+#: goroutine that watches it for a closed connection takes IDLE for closed -- at once, before
+#: the first call. containerd then runs its dead-shim cleanup (`delete`, bundle removed) while
+#: Create is on its way, and every container fails. 1.7 dials with grpc.DialContext (connecting
+#: at once) and works.
+CONTAINERD2_DROPS_GRPC_SHIMS = ("containerd 2.x drops a gRPC shim as soon as it connects (its connection "
+                                "watcher takes the new client's IDLE state for closed)")
 
 _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 _CONTAINERD_MODULE = "github.com/containerd/containerd"
@@ -92,17 +106,22 @@ def choose(environ, containerd_binary: str, bootstrap_params: bool) -> Protocol:
         return Protocol("ttrpc")
     if wanted != "grpc":
         return Protocol("ttrpc", fallback=f"{PROTOCOL_ENV}={wanted!r} is neither ttrpc nor grpc: serving ttrpc")
-    if bootstrap_params:
-        return Protocol("grpc", NEWEST_SHIM_VERSION)  # only containerd >= 2.3 sends them
     max_version = environ.get("MAX_SHIM_VERSION", "")
-    if not max_version:
+    if bootstrap_params or (max_version.isdigit() and int(max_version) >= NEWEST_SHIM_VERSION):
+        major = 2  # only containerd >= 2.3 sends BootstrapParams; a 2.x may say so itself one day
+    elif not max_version:
         return Protocol("ttrpc", fallback="containerd 1.6 (no MAX_SHIM_VERSION) has no gRPC shims: serving ttrpc")
-    if max_version.isdigit() and int(max_version) >= NEWEST_SHIM_VERSION:
-        return Protocol("grpc", NEWEST_SHIM_VERSION)  # a containerd that says so itself
-    major = containerd_major_version(containerd_binary)
-    if major is None:
-        return Protocol("ttrpc", fallback=f"cannot tell containerd 1.7 from 2.x by {containerd_binary!r}: serving ttrpc")
-    return Protocol("grpc", 2 if major == 1 else NEWEST_SHIM_VERSION)
+    else:
+        major = containerd_major_version(containerd_binary)
+        if major is None:
+            return Protocol("ttrpc", fallback=f"cannot tell containerd 1.7 from 2.x by {containerd_binary!r}: "
+                                              "serving ttrpc")
+    if major == 1:
+        return Protocol("grpc", 2)
+    if environ.get(GRPC_ON_CONTAINERD2_ENV, "").strip() != "1":
+        return Protocol("ttrpc", fallback=CONTAINERD2_DROPS_GRPC_SHIMS + f" (set {GRPC_ON_CONTAINERD2_ENV}=1 to "
+                                          "serve gRPC anyway): serving ttrpc")
+    return Protocol("grpc", NEWEST_SHIM_VERSION)
 
 
 def containerd_binary(publish_binary: str) -> str:

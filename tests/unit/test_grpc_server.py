@@ -18,7 +18,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from shim.api.containerd.task import v2 as task
 from shim.api.google.protobuf import Empty
 from shim.api.ttrpc import KeyValue
-from shim.bootstrap import FALLBACK_ENV, PROTOCOL_ENV, Protocol, choose, containerd_major_version, major_from_modinfo
+from shim.bootstrap import (FALLBACK_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV, Protocol, choose,
+                            containerd_major_version, major_from_modinfo)
 from shim.grpc_server import GrpcServer, RawCodec, grpc_status
 from shim.start import socket_address
 from shim.ttrpc import CallContext, Code, TtrpcError
@@ -267,9 +268,15 @@ def test_choice(tmp_path, monkeypatch):
     assert choose({}, "/c21", False) == Protocol("ttrpc")
     assert choose({PROTOCOL_ENV: "TTRPC"}, "/c21", False) == Protocol("ttrpc")
     assert choose(env17, "/c17", False) == Protocol("grpc", 2)
-    assert choose(env17, "/c21", False) == Protocol("grpc", 3)
-    assert choose(env17, "/c21", True) == Protocol("grpc", 3)  # 2.3's BootstrapParams
-    assert choose({**env17, "MAX_SHIM_VERSION": "3"}, "/unknown", False) == Protocol("grpc", 3)
+    # containerd 2.x would take version 3, but drops gRPC shims at once: ttrpc unless forced
+    dropped = choose(env17, "/c21", False)
+    assert (dropped.name, "containerd 2.x drops" in dropped.fallback) == ("ttrpc", True)
+    forced = {**env17, GRPC_ON_CONTAINERD2_ENV: "1"}
+    assert choose(forced, "/c21", False) == Protocol("grpc", 3)
+    assert choose(forced, "/c21", True) == Protocol("grpc", 3)  # 2.3's BootstrapParams
+    assert choose(forced, "/c17", False) == Protocol("grpc", 2)
+    assert choose({**forced, "MAX_SHIM_VERSION": "3"}, "/unknown", False) == Protocol("grpc", 3)
+    assert choose(env17, "/c17", True).name == "ttrpc"  # BootstrapParams: a 2.x, unforced
     fallback = choose({PROTOCOL_ENV: "grpc"}, "/c17", False)  # containerd 1.6
     assert (fallback.name, "1.6" in fallback.fallback) == ("ttrpc", True)
     fallback = choose(env17, "/unknown", False)
