@@ -45,7 +45,7 @@ FALLBACK_ENV = "PYSHIM_PROTOCOL_FALLBACK"
 GRPC_ON_CONTAINERD2_ENV = "PYSHIM_GRPC_ON_CONTAINERD2"
 #: The newest Task API version containerd knows (2.x's CurrentShimVersion).
 NEWEST_SHIM_VERSION = 3
-#: Seen with 2.1.9 and in the source of 2.0.0 .. main (2026-08, core/runtime/v2/shim.go,
+#: Seen with 2.1.9, and the same code is in 2.0.0 .. 2.4.0-beta.0 (core/runtime/v2/shim.go,
 #: grpcDialContext): the client is made with grpc.NewClient, which starts IDLE, and the
 #: goroutine that watches it for a closed connection takes IDLE for closed -- at once, before
 #: the first call. containerd then runs its dead-shim cleanup (`delete`, bundle removed) while
