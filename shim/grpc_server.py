@@ -33,6 +33,7 @@ from grpclib.encoding.base import CodecBase
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as _GrpclibServer
 
+from shim.ttrpc.frames import MAX_MESSAGE_SIZE
 from shim.ttrpc.server import CallContext, Handler, Method, PeerCredentials, peer_credentials
 from shim.ttrpc.status import Code, TtrpcError
 from shim.ttrpc.wire import check_wellformed
@@ -41,6 +42,34 @@ log = logging.getLogger("shim.grpc")
 
 #: How long `close()` waits for replies that are being sent when the server stops.
 REPLY_FLUSH_TIMEOUT = 1.0
+
+
+async def _read_request(stream, name: str) -> bytes:
+    """The request message, at most MAX_MESSAGE_SIZE bytes (grpclib's own read has no limit).
+
+    Reads grpclib's HTTP/2 stream (`_stream`, pinned < 0.5): 5-byte prefix (compressed flag,
+    big-endian length), then the message. HTTP/2 flow control keeps what is buffered meanwhile
+    within the stream window.
+    """
+    raw = stream._stream
+    try:
+        prefix = await raw.recv_data(5)
+        if not prefix:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"{name}: no request message")
+        if len(prefix) < 5:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"{name}: truncated message prefix")
+        if prefix[0]:
+            raise TtrpcError(Code.UNIMPLEMENTED, f"{name}: compressed messages are not supported")
+        size = int.from_bytes(prefix[1:5], "big")
+        if size > MAX_MESSAGE_SIZE:
+            raise TtrpcError(Code.RESOURCE_EXHAUSTED,
+                             f"{name}: received message larger than max ({size} vs. {MAX_MESSAGE_SIZE})")
+        data = await raw.recv_data(size)
+    except AssertionError:  # grpclib's buffer: the stream ended inside the message
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{name}: truncated request message") from None
+    if len(data) != size:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"{name}: truncated request message")
+    return bytes(data)
 
 
 class RawCodec(CodecBase):
@@ -235,9 +264,7 @@ class GrpcServer:
         await stream.send_trailing_metadata(status=status, status_message=message)
 
     async def _call(self, stream, service: str, name: str, method: Method) -> bytes:
-        data = await stream.recv_message()
-        if data is None:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"{name}: no request message")
+        data = await _read_request(stream, name)
         try:
             check_wellformed(data)
             request = method.request_type.parse(data)

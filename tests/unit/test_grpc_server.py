@@ -23,6 +23,7 @@ from shim.bootstrap import (FALLBACK_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV,
 from shim.grpc_server import GrpcServer, RawCodec, grpc_status
 from shim.start import socket_address
 from shim.ttrpc import CallContext, Code, TtrpcError
+from shim.ttrpc.frames import MAX_MESSAGE_SIZE
 
 SERVICE = "test.Echo"
 
@@ -134,6 +135,29 @@ async def test_malformed_request_is_invalid_argument(echo, garbage):
     assert err.value.message.startswith("unmarshal Echo request: ")
     # the server is still fine
     assert KeyValue.parse(await call(path, "Echo", bytes(KeyValue(key="after")))).key == "after"
+
+
+async def test_oversized_request_is_refused_before_it_is_read(echo):
+    _, path, _ = echo
+    with pytest.raises(GRPCError) as err:
+        await call(path, "Echo", bytes(KeyValue(value="x" * (MAX_MESSAGE_SIZE + 1))))
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.value.message
+    assert KeyValue.parse(await call(path, "Echo", bytes(KeyValue(key="after")))).key == "after"
+
+
+async def test_request_without_message_is_invalid_argument(echo):
+    _, path, _ = echo
+    channel = Channel(path=path, codec=RawCodec())
+    try:
+        # client streaming: the only way grpclib's client ends a request without a message
+        async with channel.request(f"/{SERVICE}/Echo", Cardinality.STREAM_UNARY, None, None) as stream:
+            await stream.send_request(end=True)
+            with pytest.raises(GRPCError) as err:
+                await stream.recv_message()
+        assert err.value.status is Status.INVALID_ARGUMENT
+    finally:
+        channel.close()
 
 
 async def test_deadline_cancels_the_handler(echo):
