@@ -4,12 +4,12 @@ containerd 1.7+ talks gRPC to a shim whose `start` replied `protocol: grpc` (see
 shim/bootstrap.py). This adapter has the ttrpc `Server`'s interface (`register_service`,
 `start`, `close`), so the daemon registers the TaskService on either without knowing which:
 
-* every call is unary-unary; the request bytes are checked (`check_wellformed`) and parsed
-  here, so a bad request gets INVALID_ARGUMENT with the same text as over ttrpc;
+* every call is unary-unary; the request (at most 4 MiB, as over ttrpc) is checked
+  (`check_wellformed`) and parsed here, so a bad request gets INVALID_ARGUMENT with the same
+  text as over ttrpc;
 * a handler's `TtrpcError(code, message)` becomes grpc-status `code` with grpc-message
   `message` (the codes are gRPC's on both protocols, containerd maps them the same way); any
-  other exception is UNKNOWN with its text; an unknown service or method is UNIMPLEMENTED
-  (grpclib answers that itself);
+  other exception is UNKNOWN with its text; an unknown service or method is UNIMPLEMENTED;
 * only peers with the shim's own uid/gid are served (SO_PEERCRED), as the ttrpc server does;
 * `close()` lets calls whose handler already returned send their reply (Shutdown's, above
   all), then cancels the others (a Wait blocks forever) and closes every connection.
