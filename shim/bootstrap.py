@@ -15,7 +15,8 @@ containerd 2.3+    a BootstrapResult message (it sent BootstrapParams on stdin),
 
 containerd 2.x parses the gRPC reply but drops the shim right after connecting (see
 CONTAINERD2_DROPS_GRPC_SHIMS), so there ttrpc is served unless PYSHIM_GRPC_ON_CONTAINERD2=1
-(for trying a containerd that fixed it). Every fallback is logged by the daemon.
+(for trying a containerd that fixed it). Every fallback is logged by the daemon, and so is
+the caveat of 1.7 (CONTAINERD17_DROPS_IDLE_GRPC_SHIMS).
 
 Telling 1.7 from 2.x at `start` time: their environments are the same (MAX_SHIM_VERSION is
 still the literal 2 in 2.x), and so are the command line and stdin. What differs for sure is
@@ -39,8 +40,9 @@ import os
 
 #: The setting (``ttrpc`` or ``grpc``); `start` sets it to what the daemon must serve.
 PROTOCOL_ENV = "PYSHIM_PROTOCOL"
-#: Why gRPC was asked for but ttrpc is served; the daemon logs it.
-FALLBACK_ENV = "PYSHIM_PROTOCOL_FALLBACK"
+#: What the daemon must log about the choice: why ttrpc is served although gRPC was asked
+#: for, or the caveat of the gRPC it serves.
+NOTE_ENV = "PYSHIM_PROTOCOL_NOTE"
 #: "1": serve gRPC to containerd 2.x as well, despite CONTAINERD2_DROPS_GRPC_SHIMS.
 GRPC_ON_CONTAINERD2_ENV = "PYSHIM_GRPC_ON_CONTAINERD2"
 #: The newest Task API version containerd knows (2.x's CurrentShimVersion).
@@ -51,6 +53,15 @@ NEWEST_SHIM_VERSION = 3
 #: the first call. containerd then runs its dead-shim cleanup (`delete`, bundle removed) while
 #: Create is on its way, and every container fails. 1.7 dials with grpc.DialContext (connecting
 #: at once) and works.
+#: Seen with 1.7.24 (Debian's, grpc-go 1.64) after 30 minutes without a call to a detached
+#: container's shim: grpc-go >= 1.59 puts a channel without calls IDLE after 30 minutes
+#: (grpc-go#6585), containerd's watcher takes that for a dead shim, runs `delete` (the
+#: container is killed) and forgets the task. Nothing a server can do keeps a client's channel
+#: busy; a client that holds a Wait open (CRI does for every container; `ctr run` attached)
+#: or calls at least every 30 minutes keeps it.
+CONTAINERD17_DROPS_IDLE_GRPC_SHIMS = (
+    "containerd 1.7 takes a gRPC shim for dead after 30 minutes without a call (grpc-go channel "
+    "idleness) and deletes its container; safe only while a client keeps a Wait open (CRI does)")
 CONTAINERD2_DROPS_GRPC_SHIMS = ("containerd 2.x drops a gRPC shim as soon as it connects (its connection "
                                 "watcher takes the new client's IDLE state for closed)")
 
@@ -61,23 +72,23 @@ _CONTAINERD_MODULE = "github.com/containerd/containerd"
 class Protocol:
     """What the daemon serves and what `start` prints for it."""
 
-    __slots__ = ("name", "version", "fallback")
+    __slots__ = ("name", "version", "note")
 
-    def __init__(self, name: str, version: int = 2, fallback: str = "") -> None:
+    def __init__(self, name: str, version: int = 2, note: str = "") -> None:
         self.name = name  # "ttrpc" or "grpc"
         self.version = version  # Task API version announced in a JSON/BootstrapResult reply
-        self.fallback = fallback
+        self.note = note
 
     @property
     def grpc(self) -> bool:
         return self.name == "grpc"
 
     def __repr__(self) -> str:
-        return f"Protocol({self.name!r}, {self.version!r}, {self.fallback!r})"
+        return f"Protocol({self.name!r}, {self.version!r}, {self.note!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Protocol) and (self.name, self.version, self.fallback) == (
-            other.name, other.version, other.fallback)
+        return isinstance(other, Protocol) and (self.name, self.version, self.note) == (
+            other.name, other.version, other.note)
 
     def reply(self, address: str) -> str:
         """The text `start` prints (and writes to <bundle>/address) for the socket `address`."""
@@ -88,10 +99,10 @@ class Protocol:
     def export(self, environ: os._Environ | dict) -> None:
         """Tell the daemon (forked by us or by the zygote, both take our environment)."""
         environ[PROTOCOL_ENV] = self.name
-        if self.fallback:
-            environ[FALLBACK_ENV] = self.fallback
+        if self.note:
+            environ[NOTE_ENV] = self.note
         else:
-            environ.pop(FALLBACK_ENV, None)
+            environ.pop(NOTE_ENV, None)
 
 
 def requested(environ) -> str:
@@ -105,21 +116,21 @@ def choose(environ, containerd_binary: str, bootstrap_params: bool) -> Protocol:
     if wanted == "ttrpc":
         return Protocol("ttrpc")
     if wanted != "grpc":
-        return Protocol("ttrpc", fallback=f"{PROTOCOL_ENV}={wanted!r} is neither ttrpc nor grpc: serving ttrpc")
+        return Protocol("ttrpc", note=f"{PROTOCOL_ENV}={wanted!r} is neither ttrpc nor grpc: serving ttrpc")
     max_version = environ.get("MAX_SHIM_VERSION", "")
     if bootstrap_params or (max_version.isdigit() and int(max_version) >= NEWEST_SHIM_VERSION):
         major = 2  # only containerd >= 2.3 sends BootstrapParams; a 2.x may say so itself one day
     elif not max_version:
-        return Protocol("ttrpc", fallback="containerd 1.6 (no MAX_SHIM_VERSION) has no gRPC shims: serving ttrpc")
+        return Protocol("ttrpc", note="containerd 1.6 (no MAX_SHIM_VERSION) has no gRPC shims: serving ttrpc")
     else:
         major = containerd_major_version(containerd_binary)
         if major is None:
-            return Protocol("ttrpc", fallback=f"cannot tell containerd 1.7 from 2.x by {containerd_binary!r}: "
+            return Protocol("ttrpc", note=f"cannot tell containerd 1.7 from 2.x by {containerd_binary!r}: "
                                               "serving ttrpc")
     if major == 1:
-        return Protocol("grpc", 2)
+        return Protocol("grpc", 2, note=CONTAINERD17_DROPS_IDLE_GRPC_SHIMS)
     if environ.get(GRPC_ON_CONTAINERD2_ENV, "").strip() != "1":
-        return Protocol("ttrpc", fallback=CONTAINERD2_DROPS_GRPC_SHIMS + f" (set {GRPC_ON_CONTAINERD2_ENV}=1 to "
+        return Protocol("ttrpc", note=CONTAINERD2_DROPS_GRPC_SHIMS + f" (set {GRPC_ON_CONTAINERD2_ENV}=1 to "
                                           "serve gRPC anyway): serving ttrpc")
     return Protocol("grpc", NEWEST_SHIM_VERSION)
 

@@ -96,10 +96,10 @@ def _task_api_server():
 
     grpclib (and h2) are imported only here, so the ttrpc daemon never pays for them.
     """
-    from shim.bootstrap import FALLBACK_ENV, PROTOCOL_ENV
+    from shim.bootstrap import NOTE_ENV, PROTOCOL_ENV
 
-    if os.environ.get(FALLBACK_ENV):
-        log.warning("gRPC mode: %s", os.environ[FALLBACK_ENV])
+    if os.environ.get(NOTE_ENV):
+        log.warning("gRPC mode: %s", os.environ[NOTE_ENV])
     if os.environ.get(PROTOCOL_ENV) == "grpc":
         from shim.grpc_server import GrpcServer
 

@@ -18,7 +18,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from shim.api.containerd.task import v2 as task
 from shim.api.google.protobuf import Empty
 from shim.api.ttrpc import KeyValue
-from shim.bootstrap import (FALLBACK_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV, Protocol, choose,
+from shim.bootstrap import (NOTE_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV, Protocol, choose,
                             containerd_major_version, major_from_modinfo)
 from shim.grpc_server import GrpcServer, RawCodec, grpc_status
 from shim.start import socket_address
@@ -291,20 +291,21 @@ def test_choice(tmp_path, monkeypatch):
     env17 = {"MAX_SHIM_VERSION": "2", PROTOCOL_ENV: "grpc"}
     assert choose({}, "/c21", False) == Protocol("ttrpc")
     assert choose({PROTOCOL_ENV: "TTRPC"}, "/c21", False) == Protocol("ttrpc")
-    assert choose(env17, "/c17", False) == Protocol("grpc", 2)
+    on17 = choose(env17, "/c17", False)
+    assert (on17.name, on17.version, "30 minutes" in on17.note) == ("grpc", 2, True)  # logged caveat
     # containerd 2.x would take version 3, but drops gRPC shims at once: ttrpc unless forced
     dropped = choose(env17, "/c21", False)
-    assert (dropped.name, "containerd 2.x drops" in dropped.fallback) == ("ttrpc", True)
+    assert (dropped.name, "containerd 2.x drops" in dropped.note) == ("ttrpc", True)
     forced = {**env17, GRPC_ON_CONTAINERD2_ENV: "1"}
     assert choose(forced, "/c21", False) == Protocol("grpc", 3)
     assert choose(forced, "/c21", True) == Protocol("grpc", 3)  # 2.3's BootstrapParams
-    assert choose(forced, "/c17", False) == Protocol("grpc", 2)
+    assert choose(forced, "/c17", False) == on17
     assert choose({**forced, "MAX_SHIM_VERSION": "3"}, "/unknown", False) == Protocol("grpc", 3)
     assert choose(env17, "/c17", True).name == "ttrpc"  # BootstrapParams: a 2.x, unforced
     fallback = choose({PROTOCOL_ENV: "grpc"}, "/c17", False)  # containerd 1.6
-    assert (fallback.name, "1.6" in fallback.fallback) == ("ttrpc", True)
+    assert (fallback.name, "1.6" in fallback.note) == ("ttrpc", True)
     fallback = choose(env17, "/unknown", False)
-    assert (fallback.name, "/unknown" in fallback.fallback) == ("ttrpc", True)
+    assert (fallback.name, "/unknown" in fallback.note) == ("ttrpc", True)
     assert choose({PROTOCOL_ENV: "http"}, "/c17", False).name == "ttrpc"
 
 
@@ -314,8 +315,8 @@ def test_replies_and_environment():
         "/run/containerd/containerd.sock", "default", "c1").removeprefix("unix://")
     assert json.loads(Protocol("grpc", 2).reply(address)) == {"version": 2, "address": address, "protocol": "grpc"}
     assert Protocol("ttrpc").reply("unix:///x") == "unix:///x"
-    env = {FALLBACK_ENV: "old"}
+    env = {NOTE_ENV: "old"}
     Protocol("grpc", 3).export(env)
     assert env == {PROTOCOL_ENV: "grpc"}
-    Protocol("ttrpc", fallback="why").export(env)
-    assert env == {PROTOCOL_ENV: "ttrpc", FALLBACK_ENV: "why"}
+    Protocol("ttrpc", note="why").export(env)
+    assert env == {PROTOCOL_ENV: "ttrpc", NOTE_ENV: "why"}
