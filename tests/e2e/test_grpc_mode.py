@@ -228,12 +228,17 @@ def test_grpc_on_containerd_2_is_dropped_by_containerd(containerd, grpc_containe
     c = grpc_containerds.get(containerd.target.id, {**GRPC_ENV, "PYSHIM_GRPC_ON_CONTAINERD2": "1"})
     e = _new_e2e(c, "forced")
     try:
-        cid = e.new_id()
-        mark = len(_shim_log(e))
-        r = lifecycle.run(e, "echo", "hi", cid=cid)
-        log = _shim_log(e)[mark:]
-        assert "protocol=grpc version=3" in log, log[-3000:]  # containerd took the reply
-        assert r.returncode != 0 and "shim disconnected" in log, (
-            f"containerd {c.version} kept the gRPC shim: gRPC mode may be enabled for it\n{r}")
+        # It is a race (containerd's watcher against its own first call), lost nearly always:
+        # one drop in three runs records it.
+        for _ in range(3):
+            cid = e.new_id()
+            mark = len(_shim_log(e))
+            r = lifecycle.run(e, "echo", "hi", cid=cid)
+            log = _shim_log(e)[mark:]
+            assert "protocol=grpc version=3" in log, log[-3000:]  # containerd took the reply
+            if r.returncode != 0 and "shim disconnected" in log:
+                break
+        else:
+            pytest.fail(f"containerd {c.version} kept the gRPC shim three times: gRPC mode may be enabled for it")
     finally:
         c.cleanup_namespace(e.namespace)
