@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 # asyncio imports ssl if it can (7-17 ms and 1 MiB here); the daemon only speaks over unix
-# sockets. A process that did import ssl already keeps it. (The gRPC mode, once built, must
-# import what it needs before this module or lift the block.)
+# sockets. A process that did import ssl already keeps it. (The gRPC mode needs no ssl either:
+# grpclib imports it only for type checking.)
 sys.modules.setdefault("ssl", None)
 
 import asyncio  # noqa: E402
@@ -91,11 +91,28 @@ def serve_inherited(flags) -> int:
     return serve(flags, listener)
 
 
+def _task_api_server():
+    """A ttrpc server, or in gRPC mode (set by start, shim/bootstrap.py) the gRPC adapter.
+
+    grpclib (and h2) are imported only here, so the ttrpc daemon never pays for them.
+    """
+    from shim.bootstrap import NOTE_ENV, PROTOCOL_ENV
+
+    if os.environ.get(NOTE_ENV):
+        log.warning("gRPC mode: %s", os.environ[NOTE_ENV])
+    if os.environ.get(PROTOCOL_ENV) == "grpc":
+        from shim.grpc_server import GrpcServer
+
+        return GrpcServer(require_same_user=True)
+    from shim.ttrpc import Server
+
+    return Server(require_same_user=True)
+
+
 async def _serve(flags, listener: socket.socket) -> None:
     from shim.events import EventPublisher
     from shim.reaper import Reaper
     from shim.service import TaskService
-    from shim.ttrpc import Server
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -107,10 +124,10 @@ async def _serve(flags, listener: socket.socket) -> None:
     reaper.start()
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     service = TaskService(flags.namespace, publisher, reaper, on_shutdown=stop.set)
-    server = Server(require_same_user=True)
+    server = _task_api_server()
     service.register(server)
     await server.start(sock=listener)
-    log.debug("serving on %s", socket_path)
+    log.debug("serving %s on %s", type(server).__name__, socket_path)
     try:
         async with asyncio.TaskGroup() as tasks:
             publishing = tasks.create_task(publisher.run())

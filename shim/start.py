@@ -47,13 +47,19 @@ def _sha256_hex(data: bytes) -> str:
     return sha256(data).hexdigest()
 
 
-def socket_address(containerd_address: str, namespace: str, group: str) -> str:
-    """unix:///run/containerd/s/<sha256 of address/namespace/group>, as the Go shim computes it."""
+def socket_address(containerd_address: str, namespace: str, group: str, *, grpc: bool = False) -> str:
+    """unix:///run/containerd/s/<sha256 of address/namespace/group>, as the Go shim computes it.
+
+    A gRPC socket is hashed from .../group/grpc (so a ttrpc daemon of the same group is never
+    taken for it) and its address is the plain path: containerd dials gRPC shims by path.
+    """
     key = posixpath.normpath(posixpath.join(containerd_address, namespace, group))
+    if grpc:
+        key += "/grpc"
     path = f"{SOCKET_DIR}/{_sha256_hex(key.encode())}"
     if len(path) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes")
-    return "unix://" + path
+    return path if grpc else "unix://" + path
 
 
 def _alive(path: str) -> bool:
@@ -91,7 +97,11 @@ def bind_or_find(address: str) -> socket.socket | None:
 
 
 def write_address(bundle: str, address: str) -> None:
-    """<bundle>/address: containerd 1.6/1.7 read it to reconnect after a restart."""
+    """<bundle>/address: containerd 1.6/1.7 read it to reconnect after a restart.
+
+    It holds what start printed: the plain address, or the JSON reply of a gRPC shim (1.7
+    parses the file as it parses start's output).
+    """
     tmp = os.path.join(bundle, ".address.tmp")
     with open(tmp, "w") as f:
         f.write(address)
@@ -159,8 +169,12 @@ def start(flags) -> int:
     except OSError:
         stdin_data = b""
     bootstrap = _bootstrap_params(stdin_data, flags.id, flags.namespace)
+    from shim.bootstrap import choose, containerd_binary
+
+    protocol = choose(os.environ, containerd_binary(flags.publish_binary), bootstrap)
+    protocol.export(os.environ)  # before the daemon is forked: it serves what we announce
     try:
-        address = socket_address(flags.address, flags.namespace, group_id(bundle, flags.id))
+        address = socket_address(flags.address, flags.namespace, group_id(bundle, flags.id), grpc=protocol.grpc)
         listener = bind_or_find(address)
     except (OSError, ValueError) as exc:
         print(f"pyshim start: {exc}", file=sys.stderr)
@@ -178,13 +192,14 @@ def start(flags) -> int:
         if not bootstrap and not _place(pid, stdin_data, address):
             return 1
         adjust_oom_score(pid)
-    write_address(bundle, address)
+    reply = protocol.reply(address)
+    write_address(bundle, reply)
     if bootstrap:
         from shim.api.containerd.runtime.bootstrap.v1 import BootstrapResult
 
-        sys.stdout.buffer.write(bytes(BootstrapResult(version=3, address=address, protocol="ttrpc")))
+        sys.stdout.buffer.write(bytes(BootstrapResult(version=3, address=address, protocol=protocol.name)))
     else:
-        sys.stdout.write(address)
+        sys.stdout.write(reply)
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: containerd waits for this process to exit
 

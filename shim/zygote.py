@@ -798,7 +798,9 @@ def main(args: list[str]) -> int:
     os.set_inheritable(lock_fd, False)
     gc.disable()
     missing = []
-    for module in PRELOAD:
+    # A zygote started for a gRPC-mode daemon (shim/bootstrap.py) shares grpclib with its daemons too.
+    grpc = ("shim.grpc_server",) if os.environ.get("PYSHIM_PROTOCOL") == "grpc" else ()
+    for module in PRELOAD + grpc:
         try:
             __import__(module)
         except ImportError:

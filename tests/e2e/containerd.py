@@ -393,6 +393,7 @@ class PrivateContainerd:
         cri: CriConfig | None = None,
         extra_config: str = "",
         log_level: str = "debug",
+        containerd_env: dict[str, str] | None = None,
     ) -> None:
         self.target = TARGETS[target] if isinstance(target, str) else target
         self.runc = Path(runc) if runc else self.target.runc
@@ -424,6 +425,8 @@ class PrivateContainerd:
         self.cri_runc_root = self.dir / "runc"
         self.extra_config = extra_config
         self.log_level = log_level
+        # extra environment for containerd itself, which its shims inherit (PYSHIM_PROTOCOL=grpc)
+        self.containerd_env = dict(containerd_env or {})
         self.path_env = f"{self.bin_dir}:{self.shim_bin_dir}:{SYSTEM_PATH}"
         self.proc: subprocess.Popen | None = None
         self.version = ""
@@ -568,7 +571,7 @@ class PrivateContainerd:
             [str(self.bin_dir / "containerd"), "--config", str(self.config_path),
              "--log-level", self.log_level],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            env=self.env(), cwd=self.dir, start_new_session=True,
+            env=self.env(self.containerd_env), cwd=self.dir, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         last = None
