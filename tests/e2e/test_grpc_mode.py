@@ -228,9 +228,9 @@ def test_grpc_on_containerd_2_is_dropped_by_containerd(containerd, grpc_containe
     c = grpc_containerds.get(containerd.target.id, {**GRPC_ENV, "PYSHIM_GRPC_ON_CONTAINERD2": "1"})
     e = _new_e2e(c, "forced")
     try:
-        # It is a race (containerd's watcher against its own first call), lost nearly always:
-        # one drop in three runs records it.
-        for _ in range(3):
+        # It is a race (containerd's watcher against its own first call), lost nearly always
+        # (but once won three times in a row on a loaded machine): one drop in ten records it.
+        for _ in range(10):
             cid = e.new_id()
             mark = len(_shim_log(e))
             r = lifecycle.run(e, "echo", "hi", cid=cid)
@@ -239,6 +239,6 @@ def test_grpc_on_containerd_2_is_dropped_by_containerd(containerd, grpc_containe
             if r.returncode != 0 and "shim disconnected" in log:
                 break
         else:
-            pytest.fail(f"containerd {c.version} kept the gRPC shim three times: gRPC mode may be enabled for it")
+            pytest.fail(f"containerd {c.version} kept the gRPC shim ten times: gRPC mode may be enabled for it")
     finally:
         c.cleanup_namespace(e.namespace)
