@@ -588,6 +588,21 @@ class PrivateContainerd:
         self.close()
         raise TimeoutError(f"containerd {self.target.id} did not answer: {last}\n{self.log_tail()}")
 
+    def pyshim_daemons(self) -> dict[int, str]:
+        """pyshim daemons serving this containerd: pid -> cwd (the bundle they were started in)."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if b"containerd-shim-pyshim-v2" in cmdline and cwd.startswith(str(self.state)):
+                found[int(entry)] = cwd
+        return found
+
     def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
         """Stop containerd alone (shims and containers keep running), as a crash (SIGKILL)
         or an administrator's restart (SIGTERM) would."""

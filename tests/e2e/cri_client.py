@@ -24,7 +24,7 @@ def _reply_type(method: str) -> type[betterproto2.Message]:
     return getattr(cri_v1, f"{method}Response")
 
 
-class _MessageCodec:
+class MessageCodec:
     """grpclib codec for betterproto2 messages (grpclib's own expects google.protobuf ones)."""
 
     __content_subtype__ = "proto"
@@ -43,7 +43,7 @@ class CriClient:
         self._channel: Channel | None = None
 
     async def __aenter__(self) -> CriClient:
-        self._channel = Channel(path=self.socket_path, codec=_MessageCodec())
+        self._channel = Channel(path=self.socket_path, codec=MessageCodec())
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -111,18 +111,6 @@ def test_oom_eventfd_closed_when_the_container_is_deleted(e2e):
         stop(e2e, keeper)
 
 
-class _MessageCodec:
-    """grpclib codec for betterproto2 messages (grpclib's own expects google.protobuf ones)."""
-
-    __content_subtype__ = "proto"
-
-    def encode(self, message, message_type) -> bytes:
-        return bytes(message)
-
-    def decode(self, data: bytes, message_type):
-        return message_type.parse(data)
-
-
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 
@@ -131,10 +119,12 @@ async def _grpc_update(address: str, namespace: str, cid: str, resources: dict) 
     from grpclib.client import Channel
     from grpclib.const import Cardinality
 
+    from cri_client import MessageCodec
+
     from shim.api.containerd.services.tasks.v1 import UpdateTaskRequest
     from shim.api.google.protobuf import Any, Empty
 
-    channel = Channel(path=address, codec=_MessageCodec())
+    channel = Channel(path=address, codec=MessageCodec())
     try:
         request = UpdateTaskRequest(
             container_id=cid, resources=Any(type_url=LINUX_RESOURCES, value=json.dumps(resources).encode())

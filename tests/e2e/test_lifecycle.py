@@ -59,19 +59,7 @@ def task_status(e2e, cid: str) -> str:
 
 def pyshim_daemons(e2e) -> list[int]:
     """pids of pyshim daemons serving this containerd (their cwd is a bundle in its state dir)."""
-    state = str(e2e.state)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if b"containerd-shim-pyshim-v2" in cmdline and cwd.startswith(state):
-            found.append(int(entry))
-    return found
+    return list(e2e.containerd.pyshim_daemons())
 
 
 @pytest.mark.parametrize("command, code", [(["true"], 0), (["sh", "-c", "exit 3"], 3), (["false"], 1)])

@@ -51,19 +51,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def daemons(c: PrivateContainerd) -> dict[int, str]:
-    """pyshim daemons of this containerd: pid -> bundle (their cwd)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if b"containerd-shim-pyshim-v2" in cmdline and cwd.startswith(str(c.state)):
-            found[int(entry)] = cwd
-    return found
+    return c.pyshim_daemons()
 
 
 def removed_status(r) -> int:
