@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import time
-import types
 import uuid
 from pathlib import Path
 
@@ -81,7 +80,7 @@ async def _wait_for_images(c: PrivateContainerd, refs: list[str], timeout: float
 
 
 def _daemons(c: PrivateContainerd) -> list[int]:
-    return pyshim_daemons(types.SimpleNamespace(state=c.state))
+    return list(c.pyshim_daemons())
 
 
 def _pod_config(c: PrivateContainerd, name: str) -> cri_v1.PodSandboxConfig:

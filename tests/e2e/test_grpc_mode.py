@@ -139,8 +139,8 @@ def test_stats(pe2e):
 
 
 def test_errors_keep_their_status(pe2e):
-    """UNIMPLEMENTED and runc's UNKNOWN reach ctr with the same text over both protocols."""
-    lifecycle.test_unimplemented_rpc_is_a_clear_error(pe2e)
+    """runc's UNKNOWN reaches ctr with the same text over both protocols (UNIMPLEMENTED:
+    tests/unit/test_grpc_server.py; no Task RPC is unimplemented any more)."""
     r = lifecycle.run(pe2e, "/no/such/binary")
     assert r.returncode != 0
     assert 'exec: "/no/such/binary": stat /no/such/binary: no such file or directory' in r.stderr, r

@@ -110,7 +110,7 @@ def test_ps_shows_exec_ids_like_runc_v2(e2e):
     assert "e1" in info[0], ours
 
     def normalized(lines: list[str], init_pid: int) -> list[str]:
-        out = [lines[0]]
+        out = [" ".join(lines[0].split())]  # column widths follow the pids' digit counts
         for line in lines[1:]:
             pid, rest = line.split(None, 1)
             out.append(("INIT " if int(pid) == init_pid else "PID ") + rest)
