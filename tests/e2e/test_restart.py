@@ -93,6 +93,8 @@ def test_tasks_and_an_exit_survive_a_containerd_restart(own_containerd, how):
     c.stop_daemon(getattr(signal, how))
     os.kill(ends_pid, signal.SIGTERM)  # exits 7 while nobody can hear it
     wait_for(lambda: not os.path.exists(f"/proc/{ends_pid}"), 10, "the container to exit and be reaped")
+    # recorded once its output is flushed, a moment after it was reaped
+    wait_for(lambda: (bundle / "init.exit").exists(), 10, "the exit to be recorded in the bundle")
     assert (bundle / "init.exit").read_text().split()[:2] == [str(ends_pid), "7"]
     time.sleep(0.5)  # the shim tries to publish /tasks/exit and finds nobody
     offset = c.restart_daemon()
