@@ -79,18 +79,25 @@ def busybox_image() -> Path:
     return build_busybox_image(image_cache_dir())
 
 
-@pytest.fixture(scope="session", params=VERSION_IDS)
-def containerd(request: pytest.FixtureRequest, busybox_image: Path):
-    """A started PrivateContainerd for one version (ids "1.6", "1.7", "2.1"); one per session."""
+def installed_target(version_id: str):
+    """The Target of a version id, or skip the test (fail it under hack/test, which installs
+    everything) when we are not root or its binaries are missing."""
     if not IS_ROOT:
         pytest.skip("e2e tests need root")
-    target = TARGETS[request.param]
+    target = TARGETS[version_id]
     missing = target.missing()
     if missing:
         msg = f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test"
         if REQUIRED:
             pytest.fail(msg)
         pytest.skip(msg)
+    return target
+
+
+@pytest.fixture(scope="session", params=VERSION_IDS)
+def containerd(request: pytest.FixtureRequest, busybox_image: Path):
+    """A started PrivateContainerd for one version (ids "1.6", "1.7", "2.1"); one per session."""
+    target = installed_target(request.param)
     c = PrivateContainerd(target)
     c.image_archive = busybox_image
     try:
@@ -171,11 +178,7 @@ def e2e(containerd: PrivateContainerd, request: pytest.FixtureRequest):
 def own_containerd(request, busybox_image: Path):
     """A PrivateContainerd for this test alone (per version), with a namespace `.ns` holding
     the image: for tests that restart or reconfigure containerd. Fails on leftovers."""
-    target = TARGETS[request.param]
-    missing = target.missing()
-    if missing:
-        (pytest.fail if REQUIRED else pytest.skip)(f"containerd {target.id} not installed: {missing}")
-    c = PrivateContainerd(target)
+    c = PrivateContainerd(installed_target(request.param))
     c.image_archive = busybox_image
     try:
         c.start()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRED, VERSION_IDS
-from containerd import IMAGE_REF, PYSHIM_RUNTIME, TARGETS, CriConfig, PrivateContainerd, image_cache_dir
+from conftest import VERSION_IDS, installed_target
+from containerd import IMAGE_REF, PYSHIM_RUNTIME, CriConfig, PrivateContainerd, image_cache_dir
 from cri_client import CriClient
 from pause_image import PAUSE_IMAGE_REF, build_pause_image
 from shim.api.runtime import v1 as cri_v1
@@ -34,15 +34,7 @@ HANDLER = "pyshim"
 @pytest.fixture(scope="module", params=VERSION_IDS)
 def cri(request: pytest.FixtureRequest, busybox_image: Path):
     """A started PrivateContainerd with the CRI plugin, both images known to the CRI."""
-    if os.geteuid() != 0:
-        pytest.skip("e2e tests need root")
-    target = TARGETS[request.param]
-    missing = target.missing()
-    if missing:
-        msg = f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test"
-        if REQUIRED:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    target = installed_target(request.param)
     pause = build_pause_image(image_cache_dir())
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF, handler=HANDLER))
     # The pods' cgroup parent: a name close() treats as one of ours (cgroups are killed and
