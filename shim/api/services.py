@@ -24,9 +24,26 @@ SERVICES: dict[str, dict[str, tuple[MessageType, MessageType]]] = {
         ),
     },
     "containerd.services.tasks.v1.Tasks": {
+        "Start": (
+            containerd_services_tasks_v1.StartRequest,
+            containerd_services_tasks_v1.StartResponse,
+        ),
+        "DeleteProcess": (
+            containerd_services_tasks_v1.DeleteProcessRequest,
+            containerd_services_tasks_v1.DeleteResponse,
+        ),
+        "Kill": (containerd_services_tasks_v1.KillRequest, google_protobuf.Empty),
+        "Exec": (
+            containerd_services_tasks_v1.ExecProcessRequest,
+            google_protobuf.Empty,
+        ),
         "Update": (
             containerd_services_tasks_v1.UpdateTaskRequest,
             google_protobuf.Empty,
+        ),
+        "Wait": (
+            containerd_services_tasks_v1.WaitRequest,
+            containerd_services_tasks_v1.WaitResponse,
         ),
     },
     "containerd.task.v2.Task": {

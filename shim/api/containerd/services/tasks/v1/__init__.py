@@ -3,8 +3,19 @@
 # plugin: python-betterproto2
 # This file has been @generated
 
-__all__ = ("UpdateTaskRequest",)
+__all__ = (
+    "DeleteProcessRequest",
+    "DeleteResponse",
+    "ExecProcessRequest",
+    "KillRequest",
+    "StartRequest",
+    "StartResponse",
+    "UpdateTaskRequest",
+    "WaitRequest",
+    "WaitResponse",
+)
 
+import datetime
 from dataclasses import dataclass
 
 import betterproto2
@@ -13,6 +24,116 @@ from .....message_pool import default_message_pool
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteProcessRequest(betterproto2.Message):
+    """
+    Removes an exec that has exited.
+    """
+
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "DeleteProcessRequest", DeleteProcessRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteResponse(betterproto2.Message):
+    id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+
+    exit_status: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
+
+    exited_at: "datetime.datetime | None" = betterproto2.field(
+        4,
+        betterproto2.TYPE_MESSAGE,
+        unwrap=lambda: ____google__protobuf__.Timestamp,
+        optional=True,
+    )
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "DeleteResponse", DeleteResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class ExecProcessRequest(betterproto2.Message):
+    """
+    Adds an exec; stdio paths are the client's FIFOs, passed through to the shim as they are.
+    """
+
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    stdin: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    stdout: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    stderr: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    terminal: "bool" = betterproto2.field(5, betterproto2.TYPE_BOOL)
+
+    spec: "____google__protobuf__.Any | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    The OCI process spec as JSON (type types.containerd.io/opencontainers/runtime-spec/1/Process).
+    """
+
+    exec_id: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "ExecProcessRequest", ExecProcessRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class KillRequest(betterproto2.Message):
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    signal: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
+
+    all: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "KillRequest", KillRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class StartRequest(betterproto2.Message):
+    """
+    Starts the task (empty exec_id) or one of its execs.
+    """
+
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "StartRequest", StartRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class StartResponse(betterproto2.Message):
+    pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "StartResponse", StartResponse
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -38,6 +159,35 @@ class UpdateTaskRequest(betterproto2.Message):
 
 default_message_pool.register_message(
     "containerd.services.tasks.v1", "UpdateTaskRequest", UpdateTaskRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class WaitRequest(betterproto2.Message):
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "WaitRequest", WaitRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class WaitResponse(betterproto2.Message):
+    exit_status: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    exited_at: "datetime.datetime | None" = betterproto2.field(
+        2,
+        betterproto2.TYPE_MESSAGE,
+        unwrap=lambda: ____google__protobuf__.Timestamp,
+        optional=True,
+    )
+
+
+default_message_pool.register_message(
+    "containerd.services.tasks.v1", "WaitResponse", WaitResponse
 )
 
 
