@@ -168,7 +168,8 @@ class TaskService:
             if container.starting_execs:
                 self._pending_init_exits[container.id] = exit_  # rule 3
                 return
-            await self._before_init_exit(container)
+            await self._kill_remaining_on_init_exit(container)
+            await self._wait_for_running_execs(container)
         if process.io is not None:
             if not await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT):
                 log.warning("%s: output still open %.0fs after exit; publishing the exit", process.id, OUTPUT_FLUSH_TIMEOUT)
@@ -199,16 +200,24 @@ class TaskService:
         except OSError as exc:
             log.warning("%s: cannot record the exit in the bundle: %s", init.id, exc)
 
-    async def _before_init_exit(self, container: Container) -> None:
+    async def _kill_remaining_on_init_exit(self, container: Container) -> None:
+        """When init dies, the kernel kills everything else in its pid namespace only if the
+        namespace is its own. Without one (a pod's shared namespace, another container's, the
+        host's), children that init forked live on, keep the container's output open and
+        keep the task from ever being reported stopped (the pod hangs at StopPodSandbox).
+        So, as runc-v2 does, every process left in the container is SIGKILLed here: whenever
+        the spec has no private pid namespace, and when the spec cannot be read."""
+        if not kill_all_on_init_exit(container.bundle):
+            return
+        try:
+            await container.runtime.kill(container.id, 9, all=True)
+        except Exception as exc:  # nothing left to kill is fine; anything else is logged
+            log.warning("%s: killing the processes left after init exited: %s", container.id, exc)
+
+    async def _wait_for_running_execs(self, container: Container) -> None:
         running = [e for e in container.execs.values() if e.pid and not e.has_exited]
         if not running:
             return
-        if _shares_host_pid_namespace(container.bundle):
-            # Without a private pid namespace the kernel does not kill the execs with init.
-            try:
-                await container.runtime.kill(container.id, 9, all=True)
-            except Exception as exc:
-                log.warning("%s: killing remaining processes: %s", container.id, exc)
         waits = [asyncio.ensure_future(e.wait()) for e in running]
         done, pending = await asyncio.wait(waits, timeout=EXEC_EXIT_TIMEOUT)
         for w in pending:
@@ -259,6 +268,10 @@ class TaskService:
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
+        try:
+            align_terminal(bundle, req.terminal)
+        except (OSError, ValueError) as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle}: cannot read or write config.json: {exc}") from None
         if req.checkpoint:
             # Restore: no `runc create`; the IO is opened now and Start runs `runc restore`.
             init.restore_from(container.restore_options(req.checkpoint, req.parent_checkpoint))
@@ -513,6 +526,12 @@ class TaskService:
             spec = json.loads(req.spec.value) if req.spec is not None else {}
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"exec {req.exec_id}: process spec is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"exec {req.exec_id}: process spec must be a JSON object")
+        # The request's flag decides: containerd's Go client builds an exec from the container's
+        # own process spec (terminal false) and asks for a TTY through its IO, and runc refuses
+        # a console socket for a process spec without a terminal.
+        spec["terminal"] = bool(req.terminal)
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         container.execs[req.exec_id] = ExecProcess(req.exec_id, container.id, container.bundle, stdio, spec)
         self.publisher.publish("/tasks/exec-added", events.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
@@ -539,10 +558,14 @@ class TaskService:
     async def kill(self, req: task.KillRequest, ctx) -> Empty:
         container = self._container(req.id)
         process = container.process(req.exec_id)
-        if process.has_exited or process.state in (Stopped, Deleted):
+        if process.state is Deleted:
+            raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
+        # An exited init with `all` still goes to the runtime, as in runc-v2: what it left in
+        # a shared pid namespace may live on (CRI sends this SIGKILL when it deletes a task).
+        init_kill_all = isinstance(process, InitProcess) and req.all
+        if (process.has_exited or process.state is Stopped) and not init_kill_all:
             raise TtrpcError(Code.NOT_FOUND, "process already finished: not found")
         if isinstance(process, InitProcess):
-    
             try:
                 await container.runtime.kill(container.id, req.signal, all=req.all)
             except RuncError as exc:
@@ -698,16 +721,40 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _shares_host_pid_namespace(bundle: str) -> bool:
+def align_terminal(bundle: str, terminal: bool) -> None:
+    """Make the bundle's process.terminal say what the request says (rewriting config.json
+    only when they differ). The request decides because it decides the IO: a console socket
+    for a terminal, pipes otherwise, and runc refuses either one against a spec that says the
+    opposite. runc-v2 passes the spec as it is and fails with runc's error; a client that
+    asked for a TTY in its IO only then works with us too."""
+    import json
+
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        return  # runc says what is missing, in its own words
+    process = spec.get("process") if isinstance(spec, dict) else None
+    if not isinstance(process, dict) or bool(process.get("terminal", False)) == bool(terminal):
+        return
+    process["terminal"] = bool(terminal)
+    tmp = path + ".pyshim-tmp"
+    with open(tmp, "w") as f:
+        json.dump(spec, f)
+    os.replace(tmp, path)
+
+
+def kill_all_on_init_exit(bundle: str) -> bool:
+    """Whether the processes left in a container must be killed when its init exits: true
+    unless the bundle's spec gives it a pid namespace of its own (a `pid` entry without a
+    path), and true when the spec cannot be read (runc-v2's ShouldKillAllOnExit rule)."""
     import json
 
     try:
         with open(os.path.join(bundle, "config.json")) as f:
             spec = json.load(f)
-    except (OSError, ValueError):
-        return False
-    namespaces = (spec.get("linux") or {}).get("namespaces") or []
-    for ns in namespaces:
-        if ns.get("type") == "pid":
-            return bool(ns.get("path"))
-    return True
+        namespaces = (spec.get("linux") or {}).get("namespaces") or []
+        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True

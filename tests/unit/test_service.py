@@ -185,6 +185,7 @@ class FakeRuntime:
         self.private_pid_ns = True
         self.init: Held | None = None
         self.execs: list[Held] = []
+        self.exec_specs: list[dict] = []  # the process specs `exec` was given
 
     def processes(self) -> list[Held]:
         return [p for p in (self.init, *self.execs) if p is not None]
@@ -239,6 +240,7 @@ class FakeRuntime:
     async def exec(self, id, process_spec, *, pid_file, detach=True, console_socket=None,
                    stdin=None, stdout=None, stderr=None) -> None:
         self.calls.append(("exec", id))
+        self.exec_specs.append(dict(process_spec))
         if self.status not in ("created", "running"):
             raise RuncError(f"cannot exec in a {self.status} container", command="exec")
         held = await self._launch(process_spec["args"], pid_file, stdin, stdout, stderr)
@@ -595,6 +597,73 @@ async def test_init_exit_is_not_held_forever_by_a_surviving_exec(h, monkeypatch)
     assert (await h.exited("c1", "e1")).event.exit_status == 137
 
 
+@pytest.mark.parametrize("host_pid", [False, True], ids=["pid-ns", "shared-pid"])
+async def test_init_exit_kills_the_rest_unless_the_pid_namespace_is_private(h, host_pid):
+    # A pod's shared pid namespace: init's forked children outlive it and keep its output
+    # open; runc-v2 kills them whenever init exits, with or without execs.
+    await h.create("c1", "sleep", "30", host_pid=host_pid)
+    await h.start("c1")
+    await h.kill("c1", signal.SIGKILL)
+    await h.exited("c1")
+    kill_all = [c for c in h.runtimes["c1"].calls if c[0] == "kill" and c[3]]
+    assert kill_all == ([("kill", "c1", 9, True)] if host_pid else [])
+
+
+async def test_init_exit_kills_the_rest_when_the_spec_cannot_be_read(h):
+    await h.create("c1", "sleep", "30")
+    await h.start("c1")
+    (h.tmp_path / "c1" / "config.json").write_text("{not json")
+    await h.kill("c1", signal.SIGKILL)
+    await h.exited("c1")
+    assert ("kill", "c1", 9, True) in h.runtimes["c1"].calls
+
+
+@pytest.mark.parametrize("spec", [{}, {"process": {"args": ["sh"]}}, {"linux": {"namespaces": [{"type": "pid"}]}},
+                                  {"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}},
+                                  {"linux": {"namespaces": None}}, {"linux": "odd"}])
+def test_kill_all_on_init_exit_rule(tmp_path, spec):
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    private = spec.get("linux") == {"namespaces": [{"type": "pid"}]}
+    assert service_module.kill_all_on_init_exit(str(tmp_path)) is (not private)
+    assert service_module.kill_all_on_init_exit(str(tmp_path / "missing")) is True
+
+
+@pytest.mark.parametrize("requested", [False, True])
+async def test_exec_terminal_is_the_requests(h, requested):
+    # containerd's Go client sends the container's own process spec (terminal false) and asks
+    # for a TTY in the request; `ctr exec -t` sets both. The request wins, as in runc-v2.
+    await h.create("c1", "sleep", "30")
+    await h.start("c1")
+    spec = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+               value=json.dumps({"args": ["true"], "cwd": "/", "terminal": not requested}).encode())
+    await h.service.exec(task.ExecProcessRequest(id="c1", exec_id="e1", spec=spec, terminal=requested), None)
+    if requested:
+        return  # a real console socket needs a runtime that sends a pty (tests/e2e/test_exec_tty.py)
+    await h.start("c1", "e1")
+    assert h.runtimes["c1"].exec_specs[-1]["terminal"] is False
+    await h.exited("c1", "e1")
+
+
+async def test_exec_process_spec_must_be_an_object(h):
+    await h.create("c1", "sleep", "30")
+    spec = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=b"[1, 2]")
+    await expect_error(h.service.exec(task.ExecProcessRequest(id="c1", exec_id="e1", spec=spec), None),
+                       Code.INVALID_ARGUMENT, "exec e1: process spec must be a JSON object")
+
+
+@pytest.mark.parametrize("in_spec,requested", [(False, True), (True, False), (True, True), (None, False)])
+def test_align_terminal_rewrites_config_only_when_it_differs(tmp_path, in_spec, requested):
+    process = {"args": ["sh"]} if in_spec is None else {"args": ["sh"], "terminal": in_spec}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ociVersion": "1.0.2", "process": process}))
+    before = config.stat().st_ino
+    service_module.align_terminal(str(tmp_path), requested)
+    spec = json.loads(config.read_text())
+    assert bool(spec["process"].get("terminal")) is requested and spec["ociVersion"] == "1.0.2"
+    assert (config.stat().st_ino == before) is (bool(in_spec) == requested)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
 async def test_exec_start_refused_once_init_exit_was_reaped(h):
     # Bug (rule 3): between init's reap and its /tasks/exit (held for a starting or running
     # exec) a new exec could still be started; it is not among the execs init's exit waits
@@ -874,8 +943,10 @@ async def test_kill_exited_process(h):
     await h.exited("c1")
     calls = len(h.runtimes["c1"].calls)
     await expect_error(h.kill("c1", signal.SIGKILL), Code.NOT_FOUND, "process already finished: not found")
-    await expect_error(h.kill("c1", signal.SIGKILL, all=True), Code.NOT_FOUND, "process already finished: not found")
     assert len(h.runtimes["c1"].calls) == calls  # answered without asking the runtime
+    # With `all`, the runtime is asked (what init left in a shared pid namespace may live on).
+    await h.kill("c1", signal.SIGKILL, all=True)
+    assert h.runtimes["c1"].calls[calls:] == [("kill", "c1", 9, True)]
 
 
 async def test_kill_maps_runtime_errors(h):
