@@ -46,8 +46,13 @@ Terminal mode (`terminal=True`): runc gets /dev/null as its stdio and sends the 
 over the console socket (shim.console); the shim hands it over with `attach_console(master)`.
 The stdout FIFO (or file) and the stdin FIFO are opened up front exactly as above, stderr is
 unused (the pty merges it). Pumps: master -> stdout, stdin FIFO -> master. The master reads
-EIO once the last slave fd is closed (the process and whatever inherited the tty exited): that
-is the output's EOF, and then the master is closed (stdin pump stopped too), so a terminal
+EIO once the last slave fd is closed (the process and whatever inherited the tty exited). That
+EIO can come early: the kernel moves the pty's data to the reader through a work queue, at most
+one line discipline buffer (4 KiB) at a time, and a read between two of those moves finds the
+buffer empty and the slave closed (seen on 6.x kernels: up to ~10 KB of a fast writer's last
+output lost). So EIO is the output's EOF only once reads kept failing for PTY_EOF_GRACE
+seconds with nothing more arriving (retried with backoff, any data starts over); then the
+master is closed (stdin pump stopped too), so a terminal
 process's `wait_output_flushed` means the same as with pipes. EOF on stdin (after CloseIO)
 hangs the console up, as in the Go shim. `resize` sets its window size.
 """
@@ -83,6 +88,10 @@ PIPE_SIZE: int | None = None
 
 _CHUNK = 1 << 20  # upper bound per splice/read; a pipe hands out at most what it holds
 _BURST = 16  # chunks per readiness callback before yielding to the rest of the loop
+#: How long reads of a pty master must keep failing with EIO before that is its EOF (see the
+#: module docstring), and the first retry's delay (doubled each time).
+PTY_EOF_GRACE = 0.05
+_PTY_RETRY_FIRST = 0.001
 _OPEN_POLL_MAX = 0.05  # longest pause between two attempts to open an output FIFO
 
 #: How long Create/Exec wait for a binary:// logger to signal that it is ready.
@@ -685,7 +694,9 @@ def _unread(fd: int) -> int:
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
 
 
-_AGAIN_SRC, _AGAIN_DST, _MORE, _EOF = range(4)
+_AGAIN_SRC, _AGAIN_DST, _MORE, _EOF, _HUNG_UP = range(5)
+#: What a `_read_chunk` result of 0 (EOF), -1 (EAGAIN) or -2 (pty EIO) means for a pump.
+_READ_OUTCOME = {0: _EOF, -1: _AGAIN_SRC, -2: _HUNG_UP}
 
 
 class _Pump:
@@ -696,7 +707,8 @@ class _Pump:
     drain (the target failed: read and drop, so the writer on the other side never blocks).
     """
 
-    __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done", "on_finish")
+    __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done", "on_finish",
+                 "_hangup_waited", "_hangup_delay")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, src: int) -> None:
         self._loop = loop
@@ -706,13 +718,15 @@ class _Pump:
         self.hold = -1
         self._pollable = False
         self._mode = self._readwrite
-        self._waiting = ""  # "src", "dst" or "" (registered for nothing)
+        self._waiting = ""  # "src", "dst", "hangup" (a pty EIO retry is due) or "" (nothing)
         self._buf: bytearray | None = None
         self._pending: memoryview | None = None  # read but not yet written (read/write mode)
         #: resolves to True on EOF with everything written (or drained), False when stopped.
         self.done: asyncio.Future[bool] = loop.create_future()
         #: called with the same value as `done`, synchronously when the pump ends.
         self.on_finish: Callable[[bool], None] | None = None
+        self._hangup_waited = 0.0  # seconds of EIO retries on a pty master, since its last data
+        self._hangup_delay = _PTY_RETRY_FIRST
 
     def __repr__(self) -> str:
         mode = self._mode.__name__.lstrip("_")
@@ -748,6 +762,23 @@ class _Pump:
             self._loop.call_later(0.01, self._retry)
         self._waiting = what
 
+    def _after_hangup(self) -> None:
+        # A pty master read EIO: retry with backoff until PTY_EOF_GRACE has passed without data.
+        if self._hangup_waited >= PTY_EOF_GRACE:
+            self._finish(True)
+            return
+        self._unregister()
+        delay = self._hangup_delay
+        self._hangup_waited += delay
+        self._hangup_delay = delay * 2
+        self._waiting = "hangup"
+        self._loop.call_later(delay, self._retry_after_hangup)
+
+    def _retry_after_hangup(self) -> None:
+        if self._waiting == "hangup":
+            self._waiting = ""
+            self._step()
+
     def _retry(self) -> None:
         if self._waiting == "dst":
             self._waiting = ""
@@ -768,6 +799,8 @@ class _Pump:
                     continue
                 if outcome == _EOF:
                     self._finish(True)
+                elif outcome == _HUNG_UP:
+                    self._after_hangup()
                 elif outcome == _AGAIN_SRC:
                     self._wait("src")
                 else:
@@ -795,23 +828,28 @@ class _Pump:
         return _MORE if n else _EOF
 
     def _read_chunk(self) -> int:
-        """Read into the buffer: bytes read, 0 at EOF, -1 when nothing is there yet."""
+        """Read into the buffer: bytes read, 0 at EOF, -1 when nothing is there yet, -2 for
+        EIO from a pty master (its slave side is all closed, but data may still be coming)."""
         if self._buf is None:
             self._buf = bytearray(_CHUNK)
         try:
-            return os.readv(self.src, [self._buf])
+            n = os.readv(self.src, [self._buf])
         except BlockingIOError:
             return -1
         except OSError as exc:
-            if exc.errno == errno.EIO:  # a pty master whose slave side is all closed
-                return 0
+            if exc.errno == errno.EIO:
+                return -2
             raise
+        if n:
+            self._hangup_waited = 0.0
+            self._hangup_delay = _PTY_RETRY_FIRST
+        return n
 
     def _readwrite(self) -> int:
         if self._pending is None:
             n = self._read_chunk()
             if n <= 0:
-                return _AGAIN_SRC if n < 0 else _EOF
+                return _READ_OUTCOME[n]
             self._pending = memoryview(self._buf)[:n]
         try:
             n = os.write(self.dst, self._pending)
@@ -826,7 +864,7 @@ class _Pump:
 
     def _drain(self) -> int:
         n = self._read_chunk()
-        return _AGAIN_SRC if n < 0 else (_MORE if n else _EOF)
+        return _MORE if n > 0 else _READ_OUTCOME[n]
 
     def _target_failed(self, exc: OSError) -> None:
         if self.name == "stdin":

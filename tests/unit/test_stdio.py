@@ -617,3 +617,50 @@ def _cmdline(pid: str) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+@pytest.mark.parametrize("target", ["pipe", "drain"])
+async def test_pty_output_arriving_after_an_early_eio_is_kept(monkeypatch, target):
+    # The kernel may answer EIO on a pty master while the last of a fast writer's output is
+    # still being moved to it (seen on 6.x: ~10 KB lost at an exec's exit). The pump keeps
+    # retrying until PTY_EOF_GRACE has passed without data. Simulated: EIO twice, then the
+    # tail, then EIO for good.
+    import errno as errno_module
+
+    loop = asyncio.get_running_loop()
+    script = [b"head ", OSError(errno_module.EIO, "EIO"), OSError(errno_module.EIO, "EIO"), b"tail\r\n"]
+    eio_calls = []
+    real_readv = os.readv
+
+    def readv(fd, buffers):
+        if fd != src_r:
+            return real_readv(fd, buffers)
+        step = script.pop(0) if script else OSError(errno_module.EIO, "EIO")
+        if isinstance(step, OSError):
+            eio_calls.append(loop.time())
+            raise step
+        buffers[0][:len(step)] = step
+        return len(step)
+
+    monkeypatch.setattr(stdio.os, "readv", readv)
+    src_r, src_w = os.pipe()  # stands in for the master; readv above answers for it
+    os.set_blocking(src_r, False)
+    os.write(src_w, b"x")  # readable, so the loop calls the pump
+    dst_r, dst_w = os.pipe()
+    os.set_blocking(dst_w, False)
+    pump = stdio._Pump(loop, "stdout", src_r)
+    if target == "pipe":
+        pump.connect(dst_w, pollable=True, splice=False)
+    else:
+        pump.drain_only()
+        os.close(dst_w)
+    started = loop.time()
+    pump.start()
+    assert await asyncio.wait_for(pump.done, 5) is True
+    os.close(src_w)
+    if target == "pipe":
+        assert os.read(dst_r, 100) == b"head tail\r\n"
+    os.close(dst_r)
+    # EOF only after the grace without data, and the retries back off (no busy loop).
+    assert eio_calls[-1] - eio_calls[2] >= stdio.PTY_EOF_GRACE * 0.9
+    assert loop.time() - started < 1 and len(eio_calls) < 15
