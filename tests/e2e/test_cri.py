@@ -172,6 +172,14 @@ async def _wait_cmdline(pid: int, cmdline: bytes, timeout: float = 10) -> bool:
     return True
 
 
+def _state(pid: int) -> str:
+    """The process state letter of pid ("Z" for a zombie), "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def _children(pid: int) -> list[tuple[int, str]]:
     """(pid, state) of the processes whose parent is pid."""
     out = []
@@ -251,6 +259,47 @@ async def test_pod_runs_on_pyshim_with_one_shim_for_its_containers(cri):
         # The group's last task is gone: so is its shim, and its socket.
         assert await _wait_gone(daemons) == [], "the pod's shim outlived the pod"
         assert not (cri.cri_runc_root / CRI_NAMESPACE / pod).exists()
+
+
+async def test_shared_pid_namespace_child_holding_stdout_does_not_hang_the_pod(cri):
+    """A container in the pod's pid namespace (shareProcessNamespace) whose init forks a
+    long-lived child that keeps stdout open (any forking server does). When init is killed
+    at StopContainer, nothing kills the child: the kernel only does that for a private pid
+    namespace. runc-v2 runs `runc kill --all` on init's exit then; so must we, or the output
+    never closes and the pod hangs at StopPodSandbox."""
+    async with CriClient(cri.address) as client:
+        async with _pod(client, cri, "shared-pid") as (pod, config):
+            # SIGTERM at StopContainer ends init (sh); its background child lives on.
+            container = _container_config(
+                "forker", "sh", "-c", "sleep 1000 & while :; do sleep 1; done")
+            container.linux.security_context = cri_v1.LinuxContainerSecurityContext(
+                namespace_options=cri_v1.NamespaceOption(pid=cri_v1.NamespaceMode.POD))
+            cid = await _start_container(client, pod, config, container)
+            verbose = await client.runtime("ContainerStatus", cri_v1.ContainerStatusRequest(
+                container_id=cid, verbose=True))
+            init_pid = json.loads(verbose.info["info"])["pid"]
+            deadline = time.monotonic() + 10
+            while not (forked := [p for p, _ in _children(init_pid) if
+                                  Path(f"/proc/{p}/cmdline").read_bytes() == b"sleep\x001000\x00"]):
+                assert time.monotonic() < deadline, "the container's child did not start"
+                await asyncio.sleep(0.05)
+
+            started = time.monotonic()
+            async with asyncio.timeout(30):
+                await client.runtime("StopContainer", cri_v1.StopContainerRequest(container_id=cid, timeout=2))
+            status = await _wait_exited(client, cid)
+            assert (status.exit_code, status.reason) == (143, "Error"), status
+            # Killed with init, before its exit was published (its output closed with it), not
+            # 2 s later at `runc delete`, nor when the pod goes.
+            assert [p for p in forked if _state(p) not in ("", "Z")] == [], "init's child outlived it"
+            assert f"{cid}: output still open" not in cri.log_tail(400)
+            assert await _wait_gone(forked, 10) == []
+            assert time.monotonic() - started < 20
+            async with asyncio.timeout(30):
+                await client.runtime("RemoveContainer", cri_v1.RemoveContainerRequest(container_id=cid))
+        # _pod stopped and removed the sandbox (each call bounded by the client's deadline);
+        # the module's fixture fails on any process, mount or cgroup left behind.
+        assert await _wait_gone([init_pid], 10) == []
 
 
 async def test_oom_killed_container_says_so(cri):
