@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from waiting import wait_gone, wait_until
+
 PYSHIM = "io.containerd.pyshim.v2"
 RUNC = "io.containerd.runc.v2"
 FIVE_MIB = 5 * 1024 * 1024
@@ -60,6 +62,11 @@ def task_status(e2e, cid: str) -> str:
 def pyshim_daemons(e2e) -> list[int]:
     """pids of pyshim daemons serving this containerd (their cwd is a bundle in its state dir)."""
     return list(e2e.containerd.pyshim_daemons())
+
+
+def mounts_of(path) -> list[str]:
+    """The lines of /proc/self/mountinfo that name path (a bundle, a containerd's dir)."""
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
 
 
 @pytest.mark.parametrize("command, code", [(["true"], 0), (["sh", "-c", "exit 3"], 3), (["false"], 1)])
@@ -274,14 +281,13 @@ def test_killed_shim_is_cleaned_up_by_delete(e2e):
     os.kill(daemon, signal.SIGKILL)
     # containerd notices the dead connection, runs `containerd-shim-pyshim-v2 delete` and
     # publishes the task's exit with what delete returned (137).
-    deadline = time.monotonic() + 20
-    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert task_status(e2e, cid) in ("STOPPED", "")
-    while os.path.exists(f"/proc/{container_pid}") and time.monotonic() < deadline:
-        time.sleep(0.1)  # containerd may drop the task before its delete has finished
-    assert not os.path.exists(f"/proc/{container_pid}"), "runc delete --force did not kill the container"
-    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED or gone",
+               until=lambda s: s in ("STOPPED", ""))
+    # containerd may drop the task before its delete has finished: delete kills the container
+    # (runc delete --force) and then unmounts the rootfs, both after the task is gone.
+    wait_gone(lambda: os.path.exists(f"/proc/{container_pid}"), 20,
+              "runc delete --force to kill the container")
+    wait_gone(lambda: mounts_of(bundle), 20, "delete to unmount the rootfs")
     e2e.ctr("task", "rm", cid)
     e2e.ctr("container", "rm", cid, check=True)
 
@@ -304,14 +310,13 @@ def test_delete_command_without_daemon_is_idempotent(e2e):
             assert time.monotonic() - started < 5
             response = DeleteResponse.parse(done.stdout)
             assert response.exit_status == 137 and response.exited_at.year >= 2024
-        assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+        assert mounts_of(bundle) == []  # delete unmounted it before it exited
     finally:
         # SIGKILL ends a stopped process too; a SIGCONT after it could find it already
         # reaped (ProcessLookupError, seen on 1.7).
         os.kill(daemon, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED or gone",
+               until=lambda s: s in ("STOPPED", ""))
     e2e.ctr("task", "rm", cid)
     e2e.ctr("container", "rm", cid, check=True)
 
