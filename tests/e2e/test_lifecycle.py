@@ -142,10 +142,7 @@ def test_detached_then_ls_kill_rm(e2e):
     pids = e2e.ctr("task", "ps", cid, check=True).stdout
     assert re.search(r"^\d+", pids.splitlines()[1]), pids
     e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-    deadline = time.monotonic() + 15
-    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert task_status(e2e, cid) == "STOPPED"
+    _wait_stopped(e2e, cid)
     # Killing an exited task is NOT_FOUND, which ctr reports as an error.
     again = e2e.ctr("task", "kill", "-s", "SIGKILL", cid)
     assert again.returncode != 0 and "not found" in again.stderr, again
@@ -182,28 +179,32 @@ def test_missing_executable_shows_runtime_error_like_runc_shim(e2e):
 
 def test_fifty_sequential_containers_leave_nothing_behind(e2e):
     before = set(pyshim_daemons(e2e))
-    mounts_before = Path("/proc/self/mountinfo").read_text().count(str(e2e.state))
+    mounts_before = len(mounts_of(e2e.state))
     for _ in range(50):
         r = run(e2e, "true")
         assert r.returncode == 0, r
-    deadline = time.monotonic() + 10
-    while set(pyshim_daemons(e2e)) - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert set(pyshim_daemons(e2e)) - before == set()
-    assert Path("/proc/self/mountinfo").read_text().count(str(e2e.state)) == mounts_before
+    # The last daemons exit (and are reaped) a moment after their `ctr run --rm` returned.
+    wait_gone(lambda: set(pyshim_daemons(e2e)) - before, 20, "the shim daemons to exit")
+    wait_until(lambda: mounts_of(e2e.state), 20, f"{mounts_before} mounts under the state dir again",
+               until=lambda mounts: len(mounts) == mounts_before)
     bundles = e2e.state / "io.containerd.runtime.v2.task" / e2e.namespace
     assert not bundles.exists() or list(bundles.iterdir()) == []
-    zombies = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] == "Z" and int(fields[1]) in (os.getpid(), e2e.containerd.proc.pid):
-                zombies.append(entry)
-    assert zombies == []
+
+    def zombies() -> list[str]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] == "Z" and int(fields[1]) in (os.getpid(), e2e.containerd.proc.pid):
+                    found.append(entry)
+        return found
+
+    # An exited child is a zombie until its parent's wait: not reaped is what fails here.
+    wait_gone(zombies, 20, "no unreaped children of pytest or containerd")
 
 
 def test_second_task_on_the_group_socket(e2e):
@@ -226,19 +227,13 @@ def test_second_task_on_the_group_socket(e2e):
     e2e.ctr("task", "kill", "-s", "SIGKILL", second, check=True)
     _wait_stopped(e2e, second)
     e2e.ctr("task", "rm", second, check=True)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{daemons[0]}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{daemons[0]}"), "the shim outlived its last task"
+    wait_gone(lambda: os.path.exists(f"/proc/{daemons[0]}"), 20, "the shim to exit after its last task")
     for cid in (first, second):
         e2e.ctr("container", "rm", cid, check=True)
 
 
 def _wait_stopped(e2e, cid: str) -> None:
-    deadline = time.monotonic() + 15
-    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert task_status(e2e, cid) == "STOPPED"
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED", until=lambda s: s == "STOPPED")
 
 
 CRUN_WRAPPER = """#!/bin/sh
