@@ -5,6 +5,7 @@ Every test runs once per containerd version (1.6, 1.7, 2.1) with real runc.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import select
@@ -49,6 +50,28 @@ def read_until(stream, marker: str, timeout: float = 15) -> str:
             seen += chunk
     assert marker in seen, f"{marker!r} not seen; got {seen!r}"
     return seen
+
+
+def wait_subscribed(events: subprocess.Popen, containerd, namespace: str, timeout: float = 20) -> str:
+    """Return once `ctr events` (events, its stdout a pipe) is subscribed: label the namespace
+    (containerd publishes /namespaces/update) until that event comes out. ctr prints nothing
+    when it has subscribed, and on a busy machine it may take seconds to get there: an event
+    published before would be missed. Returns what was read."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    for n in itertools.count():
+        containerd.ctr("namespaces", "label", namespace, f"pyshim.test/events-probe={n}",
+                       namespace=namespace, check=True)
+        until = min(time.monotonic() + 0.5, deadline)
+        while "/namespaces/update" not in seen and (left := until - time.monotonic()) > 0:
+            ready, _, _ = select.select([events.stdout], [], [], left)
+            if ready:
+                chunk = os.read(events.stdout.fileno(), 65536).decode(errors="replace")
+                assert chunk, f"ctr events ended; got {seen!r}"
+                seen += chunk
+        if "/namespaces/update" in seen:
+            return seen
+        assert time.monotonic() < deadline, f"ctr events not subscribed after {timeout}s; got {seen!r}"
 
 
 def task_status(e2e, cid: str) -> str:
@@ -154,7 +177,7 @@ def test_detached_then_ls_kill_rm(e2e):
 def test_events_in_order(e2e):
     watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.3)
+        wait_subscribed(watcher, e2e.containerd, e2e.namespace)
         cid = e2e.new_id()
         assert run(e2e, "true", cid=cid).returncode == 0
         seen = read_until(watcher.stdout, "/tasks/delete")
