@@ -57,6 +57,29 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """State, SigCgt, SigPnd... of a process ({} once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {k: fields[k].strip() for k in ("State", "PPid", "SigPnd", "ShdPnd", "SigBlk", "SigCgt") if k in fields}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def catches(pid: int, sig: int) -> bool:
     """Whether the process has a handler for sig (SigCgt in /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -83,9 +106,12 @@ def test_tasks_and_an_exit_survive_a_containerd_restart(own_containerd, how):
     ctr(c, "run", "-d", "--runtime", PYSHIM, IMAGE_REF, "ends", "sh", "-c", TRAPPED, check=True)
     bundle = c.bundle_dir(c.ns, "ends")
     ends_pid = int((bundle / "init.pid").read_text())
-    # SIGTERM before the shell has set its trap would end it with 143 (its output cannot be
-    # read: detached): wait for the handler
-    wait_until(lambda: catches(ends_pid, signal.SIGTERM), 20, "the container's shell to trap SIGTERM")
+    # SIGTERM before the shell has set its trap would end it with 143, and one that comes
+    # while it is still between `trap` and its loop can be mishandled by busybox sh (seen:
+    # exit status 2, or no exit at all). Its output cannot be read (detached): wait until it
+    # has the handler and runs the loop's first `sleep`.
+    wait_until(lambda: catches(ends_pid, signal.SIGTERM) and children(ends_pid), 20,
+               "the container's shell to trap SIGTERM and run its loop")
     shims = daemons(c)
     assert len(shims) == 2, shims
     keep_shim = next(p for p, cwd in shims.items() if cwd.endswith("/keep"))
@@ -93,7 +119,7 @@ def test_tasks_and_an_exit_survive_a_containerd_restart(own_containerd, how):
 
     c.stop_daemon(getattr(signal, how))
     os.kill(ends_pid, signal.SIGTERM)  # exits 7 while nobody can hear it
-    wait_until(lambda: not os.path.exists(f"/proc/{ends_pid}"), 10, "the container to exit and be reaped")
+    wait_gone(lambda: proc_status(ends_pid), 20, "the container to exit and be reaped")
     # recorded once its output is flushed, a moment after it was reaped
     wait_until(lambda: (bundle / "init.exit").exists(), 10, "the exit to be recorded in the bundle")
     assert (bundle / "init.exit").read_text().split()[:2] == [str(ends_pid), "7"]
