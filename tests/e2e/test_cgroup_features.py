@@ -13,7 +13,7 @@ import re
 import subprocess
 import time
 
-from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until
+from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until, wait_subscribed
 
 from shim import cgroups
 
@@ -67,7 +67,7 @@ def test_metrics_plausible_and_memory_follows_allocation(e2e):
 def test_oom_kill_published_before_exit(e2e):
     watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.3)
+        wait_subscribed(watcher, e2e.containerd, e2e.namespace)
         cid = e2e.new_id()
         # The shell's command substitution grows to 100 MB in a 32 MiB cgroup: the OOM killer
         # picks the shell, the container's init.

@@ -14,9 +14,9 @@ Every test runs once per containerd version (1.6, 1.7, 2.1).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import pytest
 from shim.api.containerd.runc.v1 import CheckpointOptions
 from shim.api.google.protobuf import Any
 from test_lifecycle import PYSHIM, _wait_stopped, task_status
+from waiting import wait_until
 
 WRAPPER = """#!/bin/sh
 # Record the command line (one line per call), then run the real runc with it.
@@ -309,19 +310,22 @@ def test_checkpoint_of_a_stopped_task_is_refused(e2e, recording_runc):
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
 
 
-def _count(e2e, cid: str, exec_id: str) -> int:
-    r = e2e.ctr("task", "exec", "--exec-id", exec_id, cid, "cat", "/tmp/count", check=True)
-    return int(r.stdout.strip())
+def _count(e2e, cid: str, exec_id: str) -> str:
+    """/tmp/count in the container: '' while the counter rewrites it (echo truncates first)."""
+    return e2e.ctr("task", "exec", "--exec-id", exec_id, cid, "cat", "/tmp/count", check=True).stdout.strip()
 
 
 def test_round_trip_restores_the_running_state(e2e, recording_runc):
     cid = start(e2e, recording_runc, "sh", "-c", COUNTER)
     ref = f"checkpoint/{cid}:1"
     restored = False
+    exec_ids = (f"count-{n}" for n in itertools.count())
+
+    def count() -> int:
+        return int(wait_until(lambda: _count(e2e, cid, next(exec_ids)), 20, "/tmp/count written"))
+
     try:
-        time.sleep(2)
-        before = _count(e2e, cid, "before")
-        assert before > 1
+        before = wait_until(count, 20, "the counter to pass 1", until=lambda n: n > 1)
         # --rw: the restored rootfs has /tmp/count too (CRIU restores memory, not files).
         r = e2e.ctr("container", "checkpoint", "--task", "--rw", cid, ref, timeout=120)
         if r.returncode != 0:
@@ -340,10 +344,9 @@ def test_round_trip_restores_the_running_state(e2e, recording_runc):
         assert task_status(e2e, cid) == "RUNNING"
         (argv,) = recording_runc.calls("restore", cid)
         assert "--detach" in argv and flag(argv, "--pid-file").endswith("/init.pid"), argv
-        after = _count(e2e, cid, "after")
+        after = count()
         assert after >= before, (before, after)  # continued, not started again from 1
-        time.sleep(0.5)
-        assert _count(e2e, cid, "later") > after  # and still running
+        wait_until(count, 20, f"the counter to pass {after}", until=lambda n: n > after)  # and still running
     finally:
         if restored or task_status(e2e, cid) or cid in e2e.ctr("container", "ls", "-q").stdout.split():
             remove(e2e, cid)

@@ -29,6 +29,7 @@ import test_task_api as task_api
 from conftest import E2E, _slug
 from containerd import PrivateContainerd
 from test_lifecycle import PYSHIM, task_status
+from waiting import wait_until
 
 GRPC_ENV = {"PYSHIM_PROTOCOL": "grpc"}
 #: The containerd versions whose shims really serve gRPC in gRPC mode.
@@ -157,6 +158,13 @@ def _shim_log(e2e: E2E) -> str:
     return e2e.containerd.log_path.read_text(errors="replace")
 
 
+def _wait_logged(e2e: E2E, line: str) -> None:
+    """The daemon's log lines reach containerd's log through a FIFO containerd copies in its
+    own time: wait for one (a moment after `ctr run -d` returned)."""
+    wait_until(lambda: [ln for ln in _shim_log(e2e).splitlines() if "gRPC mode" in ln], 20,
+               f"{line!r} in containerd's log", until=lambda seen: any(line in ln for ln in seen))
+
+
 def test_start_reply_and_address_file(gfe):
     cid = gfe.new_id()
     gfe.ctr("run", "-d", "--runtime", PYSHIM, gfe.image, cid, "sleep", "600", check=True)
@@ -169,13 +177,13 @@ def test_start_reply_and_address_file(gfe):
         assert path.startswith("/run/containerd/s/") and stat.S_ISSOCK(os.stat(path).st_mode)
         # not the ttrpc socket of the group: a daemon of the other protocol is never reused
         assert path != gfe.shim_socket_address(cid).removeprefix("unix://")
-        assert "gRPC mode: containerd 1.7 takes a gRPC shim for dead after 30 minutes" in _shim_log(gfe)
+        _wait_logged(gfe, "gRPC mode: containerd 1.7 takes a gRPC shim for dead after 30 minutes")
     else:
         assert address == gfe.shim_socket_address(cid), address  # plain ttrpc, as without the setting
         if bootstrap.exists():
             assert json.loads(bootstrap.read_text())["protocol"] == "ttrpc"
         why = "containerd 2.x drops" if gfe.version.startswith("2") else "containerd 1.6"
-        assert f"gRPC mode: {why}" in _shim_log(gfe)  # the daemon says why it serves ttrpc
+        _wait_logged(gfe, f"gRPC mode: {why}")  # the daemon says why it serves ttrpc
     gfe.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
     lifecycle._wait_stopped(gfe, cid)
     gfe.ctr("task", "rm", cid, check=True)

@@ -5,6 +5,7 @@ Every test runs once per containerd version (1.6, 1.7, 2.1) with real runc.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import select
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from waiting import wait_gone, wait_until
 
 PYSHIM = "io.containerd.pyshim.v2"
 RUNC = "io.containerd.runc.v2"
@@ -49,6 +52,28 @@ def read_until(stream, marker: str, timeout: float = 15) -> str:
     return seen
 
 
+def wait_subscribed(events: subprocess.Popen, containerd, namespace: str, timeout: float = 20) -> str:
+    """Return once `ctr events` (events, its stdout a pipe) is subscribed: label the namespace
+    (containerd publishes /namespaces/update) until that event comes out. ctr prints nothing
+    when it has subscribed, and on a busy machine it may take seconds to get there: an event
+    published before would be missed. Returns what was read."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    for n in itertools.count():
+        containerd.ctr("namespaces", "label", namespace, f"pyshim.test/events-probe={n}",
+                       namespace=namespace, check=True)
+        until = min(time.monotonic() + 0.5, deadline)
+        while "/namespaces/update" not in seen and (left := until - time.monotonic()) > 0:
+            ready, _, _ = select.select([events.stdout], [], [], left)
+            if ready:
+                chunk = os.read(events.stdout.fileno(), 65536).decode(errors="replace")
+                assert chunk, f"ctr events ended; got {seen!r}"
+                seen += chunk
+        if "/namespaces/update" in seen:
+            return seen
+        assert time.monotonic() < deadline, f"ctr events not subscribed after {timeout}s; got {seen!r}"
+
+
 def task_status(e2e, cid: str) -> str:
     for line in e2e.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
         fields = line.split()
@@ -60,6 +85,11 @@ def task_status(e2e, cid: str) -> str:
 def pyshim_daemons(e2e) -> list[int]:
     """pids of pyshim daemons serving this containerd (their cwd is a bundle in its state dir)."""
     return list(e2e.containerd.pyshim_daemons())
+
+
+def mounts_of(path) -> list[str]:
+    """The lines of /proc/self/mountinfo that name path (a bundle, a containerd's dir)."""
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
 
 
 @pytest.mark.parametrize("command, code", [(["true"], 0), (["sh", "-c", "exit 3"], 3), (["false"], 1)])
@@ -135,10 +165,7 @@ def test_detached_then_ls_kill_rm(e2e):
     pids = e2e.ctr("task", "ps", cid, check=True).stdout
     assert re.search(r"^\d+", pids.splitlines()[1]), pids
     e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-    deadline = time.monotonic() + 15
-    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert task_status(e2e, cid) == "STOPPED"
+    _wait_stopped(e2e, cid)
     # Killing an exited task is NOT_FOUND, which ctr reports as an error.
     again = e2e.ctr("task", "kill", "-s", "SIGKILL", cid)
     assert again.returncode != 0 and "not found" in again.stderr, again
@@ -150,7 +177,7 @@ def test_detached_then_ls_kill_rm(e2e):
 def test_events_in_order(e2e):
     watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.3)
+        wait_subscribed(watcher, e2e.containerd, e2e.namespace)
         cid = e2e.new_id()
         assert run(e2e, "true", cid=cid).returncode == 0
         seen = read_until(watcher.stdout, "/tasks/delete")
@@ -175,28 +202,32 @@ def test_missing_executable_shows_runtime_error_like_runc_shim(e2e):
 
 def test_fifty_sequential_containers_leave_nothing_behind(e2e):
     before = set(pyshim_daemons(e2e))
-    mounts_before = Path("/proc/self/mountinfo").read_text().count(str(e2e.state))
+    mounts_before = len(mounts_of(e2e.state))
     for _ in range(50):
         r = run(e2e, "true")
         assert r.returncode == 0, r
-    deadline = time.monotonic() + 10
-    while set(pyshim_daemons(e2e)) - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert set(pyshim_daemons(e2e)) - before == set()
-    assert Path("/proc/self/mountinfo").read_text().count(str(e2e.state)) == mounts_before
+    # The last daemons exit (and are reaped) a moment after their `ctr run --rm` returned.
+    wait_gone(lambda: set(pyshim_daemons(e2e)) - before, 20, "the shim daemons to exit")
+    wait_until(lambda: mounts_of(e2e.state), 20, f"{mounts_before} mounts under the state dir again",
+               until=lambda mounts: len(mounts) == mounts_before)
     bundles = e2e.state / "io.containerd.runtime.v2.task" / e2e.namespace
     assert not bundles.exists() or list(bundles.iterdir()) == []
-    zombies = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] == "Z" and int(fields[1]) in (os.getpid(), e2e.containerd.proc.pid):
-                zombies.append(entry)
-    assert zombies == []
+
+    def zombies() -> list[str]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] == "Z" and int(fields[1]) in (os.getpid(), e2e.containerd.proc.pid):
+                    found.append(entry)
+        return found
+
+    # An exited child is a zombie until its parent's wait: not reaped is what fails here.
+    wait_gone(zombies, 20, "no unreaped children of pytest or containerd")
 
 
 def test_second_task_on_the_group_socket(e2e):
@@ -219,19 +250,13 @@ def test_second_task_on_the_group_socket(e2e):
     e2e.ctr("task", "kill", "-s", "SIGKILL", second, check=True)
     _wait_stopped(e2e, second)
     e2e.ctr("task", "rm", second, check=True)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{daemons[0]}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{daemons[0]}"), "the shim outlived its last task"
+    wait_gone(lambda: os.path.exists(f"/proc/{daemons[0]}"), 20, "the shim to exit after its last task")
     for cid in (first, second):
         e2e.ctr("container", "rm", cid, check=True)
 
 
 def _wait_stopped(e2e, cid: str) -> None:
-    deadline = time.monotonic() + 15
-    while task_status(e2e, cid) != "STOPPED" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert task_status(e2e, cid) == "STOPPED"
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED", until=lambda s: s == "STOPPED")
 
 
 CRUN_WRAPPER = """#!/bin/sh
@@ -274,14 +299,13 @@ def test_killed_shim_is_cleaned_up_by_delete(e2e):
     os.kill(daemon, signal.SIGKILL)
     # containerd notices the dead connection, runs `containerd-shim-pyshim-v2 delete` and
     # publishes the task's exit with what delete returned (137).
-    deadline = time.monotonic() + 20
-    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert task_status(e2e, cid) in ("STOPPED", "")
-    while os.path.exists(f"/proc/{container_pid}") and time.monotonic() < deadline:
-        time.sleep(0.1)  # containerd may drop the task before its delete has finished
-    assert not os.path.exists(f"/proc/{container_pid}"), "runc delete --force did not kill the container"
-    assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED or gone",
+               until=lambda s: s in ("STOPPED", ""))
+    # containerd may drop the task before its delete has finished: delete kills the container
+    # (runc delete --force) and then unmounts the rootfs, both after the task is gone.
+    wait_gone(lambda: os.path.exists(f"/proc/{container_pid}"), 20,
+              "runc delete --force to kill the container")
+    wait_gone(lambda: mounts_of(bundle), 20, "delete to unmount the rootfs")
     e2e.ctr("task", "rm", cid)
     e2e.ctr("container", "rm", cid, check=True)
 
@@ -304,14 +328,13 @@ def test_delete_command_without_daemon_is_idempotent(e2e):
             assert time.monotonic() - started < 5
             response = DeleteResponse.parse(done.stdout)
             assert response.exit_status == 137 and response.exited_at.year >= 2024
-        assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+        assert mounts_of(bundle) == []  # delete unmounted it before it exited
     finally:
         # SIGKILL ends a stopped process too; a SIGCONT after it could find it already
         # reaped (ProcessLookupError, seen on 1.7).
         os.kill(daemon, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while task_status(e2e, cid) not in ("STOPPED", "") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: task_status(e2e, cid), 20, f"task {cid} to be STOPPED or gone",
+               until=lambda s: s in ("STOPPED", ""))
     e2e.ctr("task", "rm", cid)
     e2e.ctr("container", "rm", cid, check=True)
 

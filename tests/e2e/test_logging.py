@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_lifecycle import PYSHIM, RUNC, pyshim_daemons, run
+from test_lifecycle import PYSHIM, RUNC, mounts_of, pyshim_daemons, run
+from waiting import wait_gone
 
 # A binary:// logger (containerd's logging protocol): fd 3 = the container's stdout, fd 4 =
 # its stderr, fd 5 = "ready" (closing it says so). Its environment holds only CONTAINER_ID and
@@ -38,15 +39,6 @@ def write_script(path: Path, text: str) -> str:
     return str(path)
 
 
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def processes_running(path: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -70,7 +62,7 @@ def test_binary_logger_gets_stdout_and_stderr(e2e, tmp_path, runtime):
     assert r.returncode == 0, r
     assert (r.stdout, r.stderr) == ("", ""), r
     # The logger is SIGTERMed at Delete; it got EOF on both pipes before that.
-    assert wait_for(lambda: not processes_running(logger))
+    wait_gone(lambda: processes_running(logger), 20, "the logger to exit")
     assert (logs / "stdout").read_text() == "to-out\nmore-out\n"
     assert (logs / "stderr").read_text() == "to-err\n"
     assert (logs / "args").read_text() == f"dir {logs}\n"
@@ -90,10 +82,10 @@ def test_binary_logger_that_exits_is_a_clear_error_and_leaves_nothing(e2e, tmp_p
     assert time.monotonic() - started < 15
     assert e2e.ctr("task", "ls", check=True).stdout.split("\n", 1)[1].strip() == ""
     assert cid not in e2e.ctr("container", "ls", "-q", check=True).stdout.split()
-    assert wait_for(lambda: set(pyshim_daemons(e2e)) <= before, 10), "the shim did not exit"
+    wait_gone(lambda: set(pyshim_daemons(e2e)) - before, 20, "the shim to exit")
     assert not processes_running(logger)
     assert not e2e.bundle_dir(cid).exists()
-    assert str(e2e.bundle_dir(cid)) not in Path("/proc/self/mountinfo").read_text()
+    assert mounts_of(e2e.bundle_dir(cid)) == []
 
 
 def test_file_log_uri_gets_stdout_and_stderr(e2e, tmp_path):
@@ -116,5 +108,5 @@ def test_logger_that_ignores_sigterm_is_killed_when_create_fails(e2e, tmp_path):
     r = run(e2e, "/no/such/binary", flags=("--log-uri", f"binary://{logger}"), timeout=60)
     assert r.returncode != 0 and "no such file or directory" in r.stderr, r
     pid = int((tmp_path / "pid").read_text())
-    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20), "the logger outlived its shim"
+    wait_gone(lambda: os.path.exists(f"/proc/{pid}"), 20, "the logger to be gone with its shim")
     assert time.monotonic() - started < 30

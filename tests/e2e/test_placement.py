@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 
 from containerd import IMAGE_REF
-from test_restart import ctr, daemons, tasks, wait_for
+from test_restart import ctr, daemons, tasks
+from waiting import wait_gone, wait_until
 
 PYSHIM = "io.containerd.pyshim.v2"
 RUNC = "io.containerd.runc.v2"
@@ -33,7 +34,7 @@ def run_d(c, cid, *flags, runtime=PYSHIM, cmd=("sleep", "600")):
 
 def stop_and_remove(c, cid):
     ctr(c, "task", "kill", "-s", "SIGKILL", cid)
-    wait_for(lambda: tasks(c).get(cid) in ("STOPPED", None), 10, f"{cid} to stop")
+    wait_until(lambda: tasks(c).get(cid) in ("STOPPED", None), 10, f"{cid} to stop")
     ctr(c, "task", "rm", cid)
     ctr(c, "container", "rm", cid, check=True)
 
@@ -62,10 +63,10 @@ def test_shim_cgroup_moves_the_daemon(own_containerd, tmp_path):
         assert not [line for line in Path(f"/proc/{container}/cgroup").read_text().splitlines()
                     if name in line]  # the container has cgroups of its own
         stop_and_remove(c, "placed")
-        wait_for(lambda: not daemons(c), 10, "the shim to exit")
+        wait_gone(lambda: daemons(c), 20, "the shim to exit")
     finally:
         for path in made:
-            wait_for(lambda p=path: not (p / "cgroup.procs").read_text().strip(), 10, f"{path} to empty")
+            wait_gone(lambda p=path: (p / "cgroup.procs").read_text().strip(), 20, f"{path} to empty")
             path.rmdir()
 
 
@@ -76,7 +77,8 @@ def test_missing_shim_cgroup_fails_the_start_cleanly(own_containerd, tmp_path):
     r = run_d(c, "unplaced", "--runtime-config-path", str(config))
     assert r.returncode != 0
     assert "failed to load cgroup /pyshim-no-such-cgroup: cgroup deleted" in r.stderr, r
-    assert not daemons(c)
+    # start SIGKILLs the daemon it could not place and returns: it dies a moment later
+    wait_gone(lambda: daemons(c), 20, "the unplaced daemon to be gone")
     assert not os.path.exists(c.shim_socket_address(c.ns, "unplaced").removeprefix("unix://"))
     ctr(c, "container", "rm", "unplaced")
 
@@ -88,11 +90,13 @@ def test_oom_scores_like_runc_v2(own_containerd):
     ours = ctr(c, "run", "--rm", "--runtime", PYSHIM, IMAGE_REF, "ours", *show, check=True).stdout
     theirs = ctr(c, "run", "--rm", "--runtime", RUNC, IMAGE_REF, "theirs", *show, check=True).stdout
     assert ours == theirs, (ours, theirs)
+    # the daemon of `ours` exits a moment after `ctr run --rm` returned
+    wait_gone(lambda: daemons(c), 20, "the shim of the --rm container to exit")
     run_d(c, "scored").check()
     (daemon,) = daemons(c)
     assert Path(f"/proc/{daemon}/oom_score_adj").read_text().strip() == "301"
     stop_and_remove(c, "scored")
-    wait_for(lambda: not daemons(c), 10, "the shim to exit")
+    wait_gone(lambda: daemons(c), 20, "the shim to exit")
 
 
 def test_a_peer_with_another_uid_is_refused(own_containerd):
@@ -134,4 +138,4 @@ def test_a_peer_with_another_uid_is_refused(own_containerd):
     assert os.waitstatus_to_exitcode(status) == 0 and outcome == b"closed", outcome
     assert tasks(c).get("guarded") == "RUNNING"  # and the daemon serves containerd on
     stop_and_remove(c, "guarded")
-    wait_for(lambda: not daemons(c), 10, "the shim to exit")
+    wait_gone(lambda: daemons(c), 20, "the shim to exit")

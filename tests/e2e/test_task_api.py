@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from test_lifecycle import PYSHIM, RUNC, _wait_stopped, popen_ctr, task_status
+from test_lifecycle import PYSHIM, RUNC, _wait_stopped, popen_ctr, task_status, wait_subscribed
 
 
 class Events:
@@ -23,7 +23,11 @@ class Events:
     def __init__(self, e2e) -> None:
         self.proc = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.buffer = ""
-        time.sleep(0.3)  # subscribed before the test acts
+        try:
+            wait_subscribed(self.proc, e2e.containerd, e2e.namespace)  # before the test acts
+        except BaseException:
+            self.close()
+            raise
 
     def lines(self, cid: str) -> list[str]:
         return [ln for ln in self.buffer.splitlines() if cid in ln and "/tasks/" in ln]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shim.console import resize
 from test_lifecycle import PYSHIM, RUNC, _wait_stopped, popen_ctr, pyshim_daemons
+from waiting import wait_until
 
 
 class ClientTty:
@@ -188,10 +189,16 @@ def test_exec_t(e2e):
         assert client.wait() != 0
         client.read_until('exec: "/nonexistent": stat /nonexistent: no such file or directory')
     # Each exec's master, FIFOs and console socket are gone once the exec was deleted.
-    deadline = time.monotonic() + 5
-    while _fds(daemon) > fds and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _fds(daemon) <= fds, sorted(os.readlink(f"/proc/{daemon}/fd/{fd}") for fd in os.listdir(f"/proc/{daemon}/fd"))
+    def open_fds() -> list[str]:
+        found = []
+        for fd in os.listdir(f"/proc/{daemon}/fd"):
+            try:
+                found.append(os.readlink(f"/proc/{daemon}/fd/{fd}"))
+            except OSError:
+                pass  # closed meanwhile
+        return sorted(found)
+
+    wait_until(open_fds, 20, f"the daemon back to at most {fds} fds", until=lambda found: len(found) <= fds)
     e2e.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
     _wait_stopped(e2e, cid)
     e2e.ctr("task", "rm", cid, check=True)

@@ -17,6 +17,7 @@ from shim.api.containerd.task import v2 as task
 from shim.api.containerd.v1.types import Status
 from shim.api.google.protobuf import Any, Empty
 from shim.ttrpc import Client, Code, TtrpcError
+from test_lifecycle import wait_subscribed
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
 EVENTS = "containerd.services.events.ttrpc.v1.Events"
@@ -96,7 +97,7 @@ async def test_client_forwards_events_to_containerd(e2e):
         env=e2e.containerd.env(),
     )
     try:
-        time.sleep(0.5)  # let ctr subscribe before we publish
+        wait_subscribed(watcher, e2e.containerd, e2e.namespace)  # before we publish
         marker = e2e.new_id("oom")
         now = datetime.datetime.now(datetime.timezone.utc)
         async with await Client.connect(e2e.ttrpc_address) as client:

@@ -182,13 +182,16 @@ async def test_timeout_kills_and_reaps(reaper):
 
 async def test_cancelled_run_kills_the_child(reaper):
     task = asyncio.create_task(reaper.run(["sleep", "30"]))
-    await asyncio.sleep(0.1)
+    for _ in range(1000):  # spawned (it may take more than a moment on a busy machine)
+        if reaper._watchers:
+            break
+        await asyncio.sleep(0.02)
     (pid,) = reaper._watchers
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # Killed, and its exit is still collected (by the reaper, for nobody).
-    for _ in range(100):
+    for _ in range(1000):
         if pid not in reaper._watchers:
             break
         await asyncio.sleep(0.02)

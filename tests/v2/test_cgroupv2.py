@@ -18,12 +18,11 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from test_cgroup_features import _grpc_update, task_pid
-from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until
+from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until, wait_subscribed
 
 from shim import cgroups
 
@@ -166,7 +165,7 @@ def test_update_through_containerd_changes_memory_cpu_and_pids(limited):
 def test_oom_kill_published_before_exit(e2e):
     watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(1)
+        wait_subscribed(watcher, e2e.containerd, e2e.namespace, timeout=SLOW)
         cid = e2e.new_id("oom")
         # The shell's command substitution grows to 100 MB in a 32 MiB cgroup: the OOM killer
         # picks the shell, the container's init.
