@@ -36,6 +36,8 @@ class Container:
     cgroup: object | None = None
     #: its armed OOM notification (shim.cgroups.OomWatch), closed at Delete.
     oom_watch: object | None = None
+    #: its custom handler (shim.hooks.HandlerRunner), None without one.
+    handler: object | None = None
 
     @property
     def rootfs(self) -> str:

@@ -26,7 +26,13 @@ FIELDS: dict[str, bool | int | str] = {
     "systemd_cgroup": False,
     "criu_image_path": "",
     "criu_work_path": "",
+    # pyshim's own (TOML only): a custom handler (shim.handler) and its settings.
+    "handler": "",
+    "handler_options": {},
 }
+
+#: Fields that containerd.runc.v1.Options has (the rest only come from the TOML table).
+PROTO_FIELDS = tuple(FIELDS)[:10]
 
 
 class RuntimeOptions:
@@ -44,10 +50,13 @@ class RuntimeOptions:
     systemd_cgroup: bool
     criu_image_path: str
     criu_work_path: str
+    handler: str
+    handler_options: dict
 
     def __init__(self, **values) -> None:
         for name, default in FIELDS.items():
-            setattr(self, name, values.pop(name, default))
+            value = values.pop(name, default)
+            setattr(self, name, dict(value) if isinstance(default, dict) else value)
         if values:
             raise TypeError(f"unknown runtime options: {', '.join(values)}")
 
@@ -73,7 +82,7 @@ class RuntimeOptions:
             from shim.api.containerd.runc.v1 import Options
 
             options = Options.parse(any_message.value)
-            return cls(**{name: getattr(options, name) for name in FIELDS})
+            return cls(**{name: getattr(options, name) for name in PROTO_FIELDS})
         if type_url == "runtimeoptions.v1.Options":
             from shim.api.runtimeoptions.v1 import Options as ConfigOptions
 
@@ -98,6 +107,7 @@ class RuntimeOptions:
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"{source}: not valid TOML: {exc}") from None
         by_key = {name.replace("_", ""): name for name in FIELDS}
+        by_key["handleroptions"] = "handler_options"
         values = {}
         for key, value in table.items():
             name = by_key.get(key.lower().replace("_", ""))

@@ -188,6 +188,8 @@ class TaskService:
                 exited_at=process.exited_at,
             ),
         )
+        if container is not None:
+            await self._notify(container, "exited", process)
 
     @staticmethod
     def _record_init_exit(init: InitProcess, exited_at_ns: int) -> None:
@@ -232,6 +234,49 @@ class TaskService:
             if pending is not None:
                 self._spawn(self._process_exit(container.init, pending))
 
+    # -- handler hooks (shim.handler) -----------------------------------------------------
+    async def _run_create_hook(self, req: task.CreateTaskRequest, options: RuntimeOptions, deadline):
+        """Load the container's handler and run its `create` hook on the bundle's spec; what
+        the hook changed is written back to config.json before the OCI runtime reads it.
+        Runs before anything is mounted or started, so a refusal leaves nothing behind."""
+        import json
+
+        from shim.hooks import ContainerInfo, HandlerRunner, load_handler
+
+        handler = load_handler(options.handler, options.handler_options)
+        config = os.path.join(req.bundle, "config.json")
+        try:
+            with open(config) as f:
+                original = f.read()
+            spec = json.loads(original)
+        except (OSError, ValueError) as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {req.bundle}: cannot read config.json: {exc}") from None
+        info = ContainerInfo(id=req.id, namespace=self.namespace, bundle=req.bundle, spec=spec,
+                             options=options.handler_options)
+        runner = HandlerRunner(handler, options.handler, info)
+        await runner.guarded("create", deadline)
+        if not isinstance(info.spec, dict):
+            raise TtrpcError(Code.UNKNOWN, f"handler {options.handler}.create left a spec that is not an object")
+        if json.loads(original) != info.spec:
+            tmp = config + ".pyshim-tmp"
+            with open(tmp, "w") as f:
+                json.dump(info.spec, f)
+            os.replace(tmp, config)
+        return runner
+
+    async def _notify(self, container: Container, hook: str, process: Process | None) -> None:
+        runner = container.handler
+        if runner is None:
+            return
+        from shim.hooks import exit_info, process_info
+
+        if process is None:
+            await runner.notify(hook)
+        elif hook == "exited":
+            await runner.notify(hook, process_info(process), exit_info(process))
+        else:
+            await runner.notify(hook, process_info(process))
+
     # -- Task API -------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
         from shim.console import attach_console
@@ -249,6 +294,9 @@ class TaskService:
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         options.write(bundle)
+        handler = None
+        if options.handler:
+            handler = await self._run_create_hook(req, options, getattr(ctx, "deadline", None))
         rootfs = os.path.join(bundle, "rootfs")
         mounted = False
         if req.rootfs:
@@ -268,6 +316,7 @@ class TaskService:
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
+        container.handler = handler
         try:
             align_terminal(bundle, req.terminal)
         except (OSError, ValueError) as exc:
@@ -316,6 +365,8 @@ class TaskService:
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not early_exits]
         init.io = io
         self.containers[req.id] = container
+        if handler is not None:
+            handler.container.pid = init.pid
         early = None
         if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
             self._load_cgroup(container)  # now: an OOM right after create must not be missed
@@ -365,6 +416,7 @@ class TaskService:
             parked = self._parked_exits.pop(process, None)
             if parked is not None:
                 self._spawn(self._process_exit(process, parked))
+        await self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def _start_restore(self, container: Container, process: InitProcess) -> task.StartResponse:
@@ -406,6 +458,7 @@ class TaskService:
                 self._spawn(self._process_exit(process, parked))
         if early is not None:
             self._spawn(self._process_exit(process, early))
+        await self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
@@ -467,6 +520,7 @@ class TaskService:
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
             self._starting.discard(process)
             self._exec_start_finished(container)
+        await self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def delete(self, req: task.DeleteRequest, ctx) -> task.DeleteResponse:
@@ -511,6 +565,7 @@ class TaskService:
                 exited_at=process.exit_time(),
             ),
         )
+        await self._notify(container, "deleted", None)
         return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
 
     async def exec(self, req: task.ExecProcessRequest, ctx) -> Empty:
@@ -532,6 +587,15 @@ class TaskService:
         # own process spec (terminal false) and asks for a TTY through its IO, and runc refuses
         # a console socket for a process spec without a terminal.
         spec["terminal"] = bool(req.terminal)
+        if container.handler is not None:
+            from shim.hooks import ProcessInfo
+
+            view = ProcessInfo(container_id=container.id, exec_id=req.exec_id, spec=spec, terminal=bool(req.terminal))
+            await container.handler.guarded("exec", getattr(ctx, "deadline", None), view)
+            if req.exec_id in container.execs:  # another Exec of this id got in while the hook ran
+                raise TtrpcError(Code.ALREADY_EXISTS, f"id {req.exec_id}: already exists")
+            spec = view.spec
+            spec["terminal"] = bool(req.terminal)  # the IO decides, whatever the hook wrote
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         container.execs[req.exec_id] = ExecProcess(req.exec_id, container.id, container.bundle, stdio, spec)
         self.publisher.publish("/tasks/exec-added", events.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
@@ -694,6 +758,9 @@ class TaskService:
     def _publish_oom(self, container_id: str) -> None:
         log.info("%s: OOM kill in its cgroup", container_id)
         self.publisher.publish("/tasks/oom", events.TaskOom(container_id=container_id))
+        container = self.containers.get(container_id)
+        if container is not None and container.handler is not None:
+            self._spawn(self._notify(container, "oom", None))
 
     async def connect(self, req: task.ConnectRequest, ctx) -> task.ConnectResponse:
         container = self.containers.get(req.id)

@@ -1,0 +1,96 @@
+"""Runs a container's custom handler (shim.handler.Handler) for the Task API.
+
+Loading: the runtime options' `Handler = "module:Class"` names the class; one instance per
+container, given the HandlerOptions table. A handler that cannot be loaded fails Create with
+INVALID_ARGUMENT saying why.
+
+Running: `create` and `exec` are guarded (Refused -> PERMISSION_DENIED with exactly its
+message; any other exception -> logged with its traceback, UNKNOWN naming the hook; a hook
+still running at the request's deadline, or after HOOK_TIMEOUT without one -> DEADLINE_EXCEEDED).
+The notification hooks (started, exited, oom, deleted) run after their event: failures and
+timeouts are logged, never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+
+from shim.handler import ContainerInfo, ExitInfo, Handler, ProcessInfo, Refused
+from shim.ttrpc.status import Code, TtrpcError
+
+log = logging.getLogger("shim.hooks")
+
+#: Bound of a hook when its request carries no deadline, and of every notification hook.
+HOOK_TIMEOUT = 30.0
+
+
+def load_handler(spec: str, options: dict) -> Handler:
+    """An instance of the class named by `spec` ("package.module:ClassName")."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime option Handler = {spec!r}: expected \"module:ClassName\"")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as exc:
+        log.error("cannot load handler %s", spec, exc_info=True)
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime option Handler = {spec!r}: cannot load it: {exc!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Handler)):
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime option Handler = {spec!r}: not a shim.handler.Handler subclass")
+    try:
+        return cls(options)
+    except Exception as exc:
+        log.error("handler %s failed to start", spec, exc_info=True)
+        raise TtrpcError(Code.INVALID_ARGUMENT, f"handler {spec}: {exc!r}") from None
+
+
+class HandlerRunner:
+    """A container's handler instance and the views it is given."""
+
+    def __init__(self, handler: Handler, name: str, container: ContainerInfo) -> None:
+        self.handler = handler
+        self.name = name
+        self.container = container
+
+    async def guarded(self, hook: str, deadline: float | None, *args) -> None:
+        """Run a refusable hook inside its request; errors become the request's status."""
+        loop = asyncio.get_running_loop()
+        timeout = HOOK_TIMEOUT if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            async with asyncio.timeout(timeout):
+                await getattr(self.handler, hook)(self.container, *args)
+        except Refused as refused:
+            log.info("%s: %s.%s refused: %s", self.container.id, self.name, hook, refused.message)
+            raise TtrpcError(Code.PERMISSION_DENIED, refused.message) from None
+        except TimeoutError:
+            log.error("%s: handler %s.%s did not finish within %.3gs", self.container.id, self.name, hook, timeout)
+            raise TtrpcError(Code.DEADLINE_EXCEEDED,
+                             f"handler {self.name}.{hook} did not finish within {timeout:.3g}s") from None
+        except TtrpcError:
+            raise
+        except Exception as exc:
+            log.error("%s: handler %s.%s failed", self.container.id, self.name, hook, exc_info=True)
+            raise TtrpcError(Code.UNKNOWN, f"handler {self.name}.{hook} failed: {exc!r}") from None
+
+    async def notify(self, hook: str, *args) -> None:
+        """Run a notification hook: bounded, its errors logged and swallowed."""
+        try:
+            async with asyncio.timeout(HOOK_TIMEOUT):
+                await getattr(self.handler, hook)(self.container, *args)
+        except TimeoutError:
+            log.error("%s: handler %s.%s did not finish within %.0fs", self.container.id, self.name, hook, HOOK_TIMEOUT)
+        except Exception:
+            log.error("%s: handler %s.%s failed", self.container.id, self.name, hook, exc_info=True)
+
+
+def process_info(process) -> ProcessInfo:
+    """The handler's view of a shim.process.Process."""
+    spec = getattr(process, "spec", None)
+    return ProcessInfo(container_id=process.container_id, exec_id=process.exec_id,
+                       spec=spec if isinstance(spec, dict) else {}, pid=process.pid,
+                       terminal=process.stdio.terminal)
+
+
+def exit_info(process) -> ExitInfo:
+    return ExitInfo(status=process.exit_status, exited_at=process.exit_time(), pid=process.pid)

@@ -1,0 +1,176 @@
+"""Custom handlers (shim.handler) driven through TaskService with the fake runtime of
+test_service: hook order against the events, refusals, spec changes, failures and hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import pytest
+
+from shim import hooks as hooks_module
+from shim.api.containerd.task import v2 as task
+from shim.api.google.protobuf import Any
+from shim.api.runtimeoptions.v1 import Options as ConfigOptions
+from shim.handler import Handler, Refused
+from shim.options import RuntimeOptions
+from shim.ttrpc.status import Code
+from test_service import expect_error, h  # noqa: F401  (h is a fixture)
+
+#: Hook calls of every Recording instance, in order: (hook, container id, detail).
+CALLS: list[tuple] = []
+
+
+class Recording(Handler):
+    async def create(self, container):
+        CALLS.append(("create", container.id, self.options.get("tag")))
+        container.spec.setdefault("process", {}).setdefault("env", []).append("ADDED=1")
+        container.annotations["handled-by"] = "recording"
+
+    async def exec(self, container, process):
+        CALLS.append(("exec", process.exec_id, process.spec.get("args")))
+        if process.spec.get("args") == ["forbidden"]:
+            raise Refused("exec of 'forbidden' is not allowed here")
+        process.spec["env"] = ["FROM_HOOK=1"]
+
+    async def started(self, container, process):
+        CALLS.append(("started", process.exec_id or container.id, process.pid > 0))
+
+    async def exited(self, container, process, exit):
+        CALLS.append(("exited", process.exec_id or container.id, exit.status))
+
+    async def deleted(self, container):
+        CALLS.append(("deleted", container.id, None))
+
+
+class Refusing(Handler):
+    async def create(self, container):
+        raise Refused(f"container {container.id} refused: privileged containers are not allowed")
+
+
+class Broken(Handler):
+    async def create(self, container):
+        raise KeyError("oops")
+
+    async def started(self, container, process):
+        raise RuntimeError("started hook bug")
+
+
+class Hanging(Handler):
+    async def create(self, container):
+        await asyncio.sleep(3600)
+
+
+def handler_options(name: str, **table) -> Any:
+    lines = [f'Handler = "test_handler:{name}"', "[HandlerOptions]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+    body = "\n".join(lines).encode()
+    return Any(type_url="runtimeoptions.v1.Options", value=bytes(ConfigOptions(config_body=body)))
+
+
+async def create(h, cid: str, options: Any, *args: str, ctx=None):
+    bundle = h.tmp_path / cid
+    bundle.mkdir(exist_ok=True)
+    spec = {"process": {"args": list(args) or ["sleep", "30"]}, "linux": {"namespaces": [{"type": "pid"}]}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    async with asyncio.timeout(5):
+        return await h.service.create(task.CreateTaskRequest(id=cid, bundle=str(bundle), options=options), ctx)
+
+
+def exec_request(cid: str, exec_id: str, *args: str) -> task.ExecProcessRequest:
+    spec = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+               value=json.dumps({"args": list(args), "cwd": "/"}).encode())
+    return task.ExecProcessRequest(id=cid, exec_id=exec_id, spec=spec)
+
+
+def test_options_carry_handler_and_its_table():
+    options = RuntimeOptions.from_toml(b'BinaryName = "crun"\nHandler = "m:C"\n[HandlerOptions]\nallow = ["/a"]\n', "t")
+    assert (options.binary_name, options.handler, options.handler_options) == ("crun", "m:C", {"allow": ["/a"]})
+    with pytest.raises(ValueError, match="HandlerOptions must be a dict"):
+        RuntimeOptions.from_toml(b'HandlerOptions = "x"\n', "t")
+
+
+async def test_hooks_run_in_order_and_change_what_runs(h):
+    CALLS.clear()
+    await create(h, "c1", handler_options("Recording", tag="t1"))
+    spec = json.loads((h.tmp_path / "c1" / "config.json").read_text())
+    assert "ADDED=1" in spec["process"]["env"] and spec["annotations"] == {"handled-by": "recording"}
+    await h.start("c1")
+    await h.service.exec(exec_request("c1", "e1", "true"), None)
+    await h.start("c1", "e1")
+    await h.exited("c1", "e1")
+    assert h.runtimes["c1"].exec_specs[-1]["env"] == ["FROM_HOOK=1"]
+    await expect_error(h.service.exec(exec_request("c1", "e2", "forbidden"), None),
+                       Code.PERMISSION_DENIED, "exec of 'forbidden' is not allowed here")
+    assert "e2" not in h.service.containers["c1"].execs
+    assert h.recorder.find("/tasks/exec-added", exec_id="e2") == []
+    await h.kill("c1", signal.SIGKILL)
+    await h.exited("c1")
+    await h.delete("c1", "e1")
+    await h.delete("c1")
+    for _ in range(50):  # the exited hook runs right after the event went out
+        if ("deleted", "c1", None) in CALLS:
+            break
+        await asyncio.sleep(0.01)
+    assert CALLS == [
+        ("create", "c1", "t1"),
+        ("started", "c1", True),
+        ("exec", "e1", ["true"]),
+        ("started", "e1", True),
+        ("exited", "e1", 0),
+        ("exec", "e2", ["forbidden"]),
+        ("exited", "c1", 137),
+        ("deleted", "c1", None),
+    ]
+
+
+async def test_refused_create_fails_with_its_message_and_leaves_nothing(h):
+    await expect_error(create(h, "c1", handler_options("Refusing")), Code.PERMISSION_DENIED,
+                       "container c1 refused: privileged containers are not allowed")
+    assert h.runtimes == {} and "c1" not in h.service.containers
+    assert h.recorder.records == []
+
+
+async def test_a_broken_hook_is_a_clear_error_and_the_shim_goes_on(h, caplog):
+    await expect_error(create(h, "c1", handler_options("Broken")), Code.UNKNOWN,
+                       "handler test_handler:Broken.create failed: KeyError('oops')")
+    assert "Traceback" in caplog.text and "KeyError: 'oops'" in caplog.text
+    assert h.runtimes == {}
+    await h.create("c2", "sleep", "30")  # the service still works
+    await h.start("c2")
+
+
+async def test_a_failing_notification_hook_is_logged_only(h, caplog):
+    class Always(Broken):
+        async def create(self, container):
+            pass
+
+    globals()["Always"] = Always
+    try:
+        await create(h, "c1", handler_options("Always"))
+        await h.start("c1")
+    finally:
+        del globals()["Always"]
+    assert "started hook bug" in caplog.text
+
+
+async def test_a_hanging_hook_is_bounded_by_the_request_deadline(h):
+    class Ctx:
+        deadline = asyncio.get_running_loop().time() + 0.3
+
+    with pytest.raises(hooks_module.TtrpcError) as err:
+        await create(h, "c1", handler_options("Hanging"), ctx=Ctx())
+    assert err.value.code == Code.DEADLINE_EXCEEDED
+    assert err.value.message.startswith("handler test_handler:Hanging.create did not finish within 0.")
+    assert h.runtimes == {}
+
+
+async def test_a_handler_that_cannot_be_loaded(h, monkeypatch):
+    await expect_error(create(h, "c1", handler_options("Missing")), Code.INVALID_ARGUMENT,
+                       "runtime option Handler = 'test_handler:Missing': cannot load it: "
+                       "AttributeError(\"module 'test_handler' has no attribute 'Missing'\")")
+    with pytest.raises(hooks_module.TtrpcError, match="expected"):
+        hooks_module.load_handler("no-colon", {})
+    with pytest.raises(hooks_module.TtrpcError, match="not a shim.handler.Handler subclass"):
+        hooks_module.load_handler("json:JSONDecoder", {})
