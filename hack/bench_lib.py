@@ -65,10 +65,10 @@ TRACED = "io.containerd.pyshimtrace.v2"
 SHIM_BINARY = {PYSHIM: "containerd-shim-pyshim-v2", RUNC: "containerd-shim-runc-v2"}
 SHORT = {PYSHIM: "pyshim", RUNC: "runc-v2"}
 
-DAEMON_IMPORTS = ("shim.daemon, shim.service, shim.runc, shim.stdio, shim.events, shim.reaper, "
-                  "shim.ttrpc.server, shim.api.services")
-START_IMPORTS = "shim.cli, shim.start"
-DELETE_IMPORTS = ("shim.delete, shim.options, shim.mount, subprocess, datetime, "
+DAEMON_IMPORTS = ("shim.framework.daemon, shim.framework.service, shim.runc.runtime, shim.framework.stdio, shim.framework.events, shim.framework.reaper, "
+                  "shim.framework.ttrpc.server, shim.api.services")
+START_IMPORTS = "shim.cli, shim.framework.start"
+DELETE_IMPORTS = ("shim.framework.delete, shim.runc.options, shim.framework.mount, subprocess, datetime, "
                   "shim.api.containerd.task.v2")
 
 TARGET_RATIO = 1.5
@@ -666,7 +666,7 @@ def parse_importtime(stderr: str) -> list[tuple[int, int, int, str]]:
 
 
 def package_of(name: str) -> str:
-    for prefix in ("shim.api", "shim.ttrpc"):
+    for prefix in ("shim.api", "shim.framework.ttrpc"):
         if name.startswith(prefix):
             return prefix
     return name if name.startswith("shim.") else name.split(".", 1)[0]
@@ -731,7 +731,7 @@ TIMELINE_LABELS = {
     "start:exit": "start: exits (address printed)",
     "cd:connect": "containerd: connecting to shim",
     "daemon:forked": "daemon: forked",
-    "daemon:serve": "daemon: in serve() (shim.daemon imported)",
+    "daemon:serve": "daemon: in serve() (shim.framework.daemon imported)",
     "daemon:accept": "daemon: accepted containerd's connection",
     "daemon:listening": "daemon: serving (Task API imported)",
     "cd:disconnect": "containerd: shim disconnected",

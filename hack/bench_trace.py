@@ -11,7 +11,7 @@ roles: `start` and `delete` (the commands containerd runs), `daemon` (the forked
 Events: `exec` (the interpreter got control; detail: CPU ms spent so far), `fork`, `forked`,
 `exit`, `import` (a top-level import that was not cached, with its inclusive time), `imports`
 (self time per package so far, JSON), `accept` (ttrpc connection), `serve` (daemon entered
-`shim.daemon.serve`), `listening`, `rpc>Name` / `rpc<Name` (Task API handler in/out),
+`shim.framework.daemon.serve`), `listening`, `rpc>Name` / `rpc<Name` (Task API handler in/out),
 `call<Name` (the whole ttrpc request: decode + handler + encode), `runc<sub`, `stdio<open`,
 `mount<all`, `umount<all`, `delete<runtime` (the `runc delete --force` of `delete`),
 `delete<response`.
@@ -50,8 +50,8 @@ def rec(event: str, dt: float | None = None, detail: str = "", when: float | Non
 def _package(name: str) -> str:
     if name.startswith("shim.api"):
         return "shim.api"
-    if name.startswith("shim.ttrpc"):
-        return "shim.ttrpc"
+    if name.startswith("shim.framework.ttrpc"):
+        return "shim.framework.ttrpc"
     if name.startswith("shim."):
         return name
     return name.split(".", 1)[0]
@@ -163,19 +163,19 @@ def _patch_mount(mod) -> None:
 def _patch_delete(mod) -> None:
     import subprocess
 
-    # shim.delete calls subprocess.run exactly once: the runtime's `delete --force`
+    # shim.framework.delete calls subprocess.run exactly once: the runtime's `delete --force`
     subprocess.run = _timed(subprocess.run, "delete<runtime")
     mod._delete_response = _timed(mod._delete_response, "delete<response")
 
 
 _PATCHERS = {
-    "shim.service": _patch_service,
-    "shim.runc": _patch_runc,
-    "shim.ttrpc.server": _patch_server,
-    "shim.daemon": _patch_daemon,
-    "shim.stdio": _patch_stdio,
-    "shim.mount": _patch_mount,
-    "shim.delete": _patch_delete,
+    "shim.framework.service": _patch_service,
+    "shim.runc.runtime": _patch_runc,
+    "shim.framework.ttrpc.server": _patch_server,
+    "shim.framework.daemon": _patch_daemon,
+    "shim.framework.stdio": _patch_stdio,
+    "shim.framework.mount": _patch_mount,
+    "shim.framework.delete": _patch_delete,
 }
 
 

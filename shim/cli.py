@@ -94,20 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         print_version()
         return 0
     if flags.info:
-        from shim.info import main as print_info
+        from shim.framework.info import main as print_info
 
         return print_info()
     if flags.action == "start":
-        from shim.start import start
+        from shim.framework.start import start
 
         return start(flags)
     if flags.action == "delete":
-        from shim.delete import delete
+        from shim.framework.delete import delete
 
         return delete(flags)
     if flags.action == "":
         # Serve mode as the Go shim's daemon is started: on an inherited listening fd 3.
-        from shim.daemon import serve_inherited
+        from shim.framework.daemon import serve_inherited
 
         return serve_inherited(flags)
     print(f"containerd-shim-pyshim-v2: unknown action {flags.action!r}", file=sys.stderr)

@@ -15,7 +15,7 @@ import time
 
 from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until, wait_subscribed
 
-from shim import cgroups
+from shim.framework import cgroups
 
 
 def metrics(e2e, cid: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The cgroup v2 tests (tests/v2) in a qemu guest that mounts only cgroup2, as one test here.
 
-This machine mounts cgroup v1, so pyshim's cgroup v2 code (shim/cgroups.py's CgroupV2: Stats
+This machine mounts cgroup v1, so pyshim's cgroup v2 code (shim/framework/cgroups.py's CgroupV2: Stats
 as io.containerd.cgroups.v2.Metrics, OOM kills from memory.events) can only run for real in a
 VM.  hack/vm/run-in-vm boots one (the host's root read-only under a tmpfs overlay, this checkout
 read-write, the checkout's .venv) and this test runs pytest over tests/v2 in it: one boot for
@@ -25,7 +25,7 @@ import sys
 import pytest
 from containerd import REPO_ROOT
 
-from shim import cgroups
+from shim.framework import cgroups
 
 VM_TIMEOUT = int(os.environ.get("PYSHIM_VM_TIMEOUT", "900"))
 

@@ -3,10 +3,10 @@
 `pe2e` is parametrized over the protocol: "ttrpc" is the session's containerd (as in every other
 e2e test), "grpc" a second containerd of the same version with PYSHIM_PROTOCOL=grpc in its
 environment, which its shims inherit. What the shim serves there depends on the version
-(shim/bootstrap.py):
+(shim/framework/bootstrap.py):
 
 * 1.7: gRPC, announced as JSON version 2 (also in <bundle>/address, read again on restart);
-  its 30-minute idle drop (shim/bootstrap.py) is only logged here, a test cannot wait for it;
+  its 30-minute idle drop (shim/framework/bootstrap.py) is only logged here, a test cannot wait for it;
 * 2.1: ttrpc, because containerd 2.x drops gRPC shims right after connecting (upstream bug,
   see test_grpc_on_containerd_2_is_dropped_by_containerd); the cases check the clean fallback;
 * 1.6: ttrpc, it has no gRPC shims; likewise a clean fallback.
@@ -228,7 +228,7 @@ def test_containerd_restart_reconnects(gfe):
 def test_grpc_on_containerd_2_is_dropped_by_containerd(containerd, grpc_containerds):
     """Forced gRPC on containerd 2.x: containerd gives up on the shim the moment it connects.
 
-    Kept as a record of the upstream bug (CONTAINERD2_DROPS_GRPC_SHIMS in shim/bootstrap.py) that
+    Kept as a record of the upstream bug (CONTAINERD2_DROPS_GRPC_SHIMS in shim/framework/bootstrap.py) that
     makes gRPC mode fall back to ttrpc on 2.x; it fails, and tells, once containerd is fixed.
     """
     if not containerd.target.id.startswith("2"):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-from shim.console import resize
+from shim.framework.console import resize
 from test_lifecycle import PYSHIM, RUNC, _wait_stopped, popen_ctr, pyshim_daemons
 from waiting import wait_until
 

@@ -16,7 +16,7 @@ from shim.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardReques
 from shim.api.containerd.task import v2 as task
 from shim.api.containerd.v1.types import Status
 from shim.api.google.protobuf import Any, Empty
-from shim.ttrpc import Client, Code, TtrpcError
+from shim.framework.ttrpc import Client, Code, TtrpcError
 from test_lifecycle import wait_subscribed
 
 RUNC_RUNTIME = "io.containerd.runc.v2"

@@ -1,4 +1,4 @@
-"""shim.cgroups: the pure parsers with sample files, stats of fake cgroup trees, OOM watches."""
+"""shim.framework.cgroups: the pure parsers with sample files, stats of fake cgroup trees, OOM watches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shim import cgroups
+from shim.framework import cgroups
 from shim.api.io.containerd.cgroups import v1, v2
 
 MEMORY_STAT_V1 = """\
@@ -316,7 +316,7 @@ class UpdateRuntime:
         self.error = error
 
     async def update(self, id, resources) -> None:
-        from shim.runc import RuncError
+        from shim.runc.runtime import RuncError
 
         if self.error:
             raise RuncError(self.error, command="update")
@@ -339,10 +339,10 @@ class PendingOom(cgroups.OomWatch):
 
 
 def make_service(tmp_path, runtime=None):
-    from shim.container import Container
-    from shim.options import RuntimeOptions
-    from shim.process import InitProcess, Stdio
-    from shim.service import TaskService
+    from shim.framework.container import Container
+    from shim.runc.options import RuntimeOptions
+    from shim.framework.process import InitProcess, Stdio
+    from shim.framework.service import TaskService
 
     svc = TaskService("ns", RecordingPublisher(), reaper=None, on_shutdown=lambda: None)
     init = InitProcess("c1", str(tmp_path), Stdio())
@@ -353,7 +353,7 @@ def make_service(tmp_path, runtime=None):
 
 async def test_stats_without_cgroup_is_not_found_and_with_one_is_metrics(tmp_path):
     from shim.api.containerd.task import v2 as task
-    from shim.ttrpc.status import Code, TtrpcError
+    from shim.framework.ttrpc.status import Code, TtrpcError
 
     svc, container = make_service(tmp_path)
     with pytest.raises(TtrpcError) as err:
@@ -369,7 +369,7 @@ async def test_stats_without_cgroup_is_not_found_and_with_one_is_metrics(tmp_pat
 async def test_update_passes_json_resources_to_the_runtime(tmp_path):
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Any
-    from shim.ttrpc.status import Code, TtrpcError
+    from shim.framework.ttrpc.status import Code, TtrpcError
 
     runtime = UpdateRuntime()
     svc, _ = make_service(tmp_path, runtime)
@@ -386,7 +386,7 @@ async def test_update_passes_json_resources_to_the_runtime(tmp_path):
 async def test_update_runtime_error_is_reported_with_its_text(tmp_path):
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Any
-    from shim.ttrpc.status import TtrpcError
+    from shim.framework.ttrpc.status import TtrpcError
 
     svc, _ = make_service(tmp_path, UpdateRuntime(error="cannot set memory limit: device or resource busy"))
     with pytest.raises(TtrpcError, match="OCI runtime update failed: cannot set memory limit: device or resource busy"):
@@ -394,7 +394,7 @@ async def test_update_runtime_error_is_reported_with_its_text(tmp_path):
 
 
 async def test_pending_oom_is_published_before_init_exit(tmp_path):
-    from shim.reaper import Exit
+    from shim.framework.reaper import Exit
 
     svc, container = make_service(tmp_path)
     container.oom_watch = PendingOom(lambda: svc._publish_oom("c1"))

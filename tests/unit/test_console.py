@@ -1,4 +1,4 @@
-"""shim.console (the console socket, SCM_RIGHTS, resize) and shim.stdio's terminal mode, with
+"""shim.framework.console (the console socket, SCM_RIGHTS, resize) and shim.framework.stdio's terminal mode, with
 local ptys and a fake runc that sends the master the way runc does (one message, one fd)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import termios
 
 import pytest
 
-from shim.console import ConsoleError, ConsoleSocket, attach_console, resize, window_size
-from shim.stdio import open_process_io
+from shim.framework.console import ConsoleError, ConsoleSocket, attach_console, resize, window_size
+from shim.framework.stdio import open_process_io
 
 
 def open_fds() -> set[int]:

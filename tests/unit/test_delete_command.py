@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from shim import exit_record
+from shim.framework import exit_record
 from shim.api.containerd.task.v2 import DeleteResponse
 
 
@@ -44,7 +44,7 @@ def test_delete_without_a_record_says_killed_now(tmp_path):
 def test_delete_removes_a_dead_shims_socket_only(tmp_path):
     import socket
 
-    from shim import delete
+    from shim.framework import delete
 
     os.makedirs(delete.SOCKET_DIR, exist_ok=True)
     name = f"pyshim-unit-{os.getpid()}"

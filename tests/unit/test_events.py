@@ -19,8 +19,8 @@ import pytest
 from shim.api.containerd.events import TaskCreate, TaskExit, TaskOom, TaskStart
 from shim.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
 from shim.api.google.protobuf import Empty
-from shim.events import METHOD, SERVICE, EventPublisher, event_type_url
-from shim.ttrpc import CallContext, Code, Server, TtrpcError
+from shim.framework.events import METHOD, SERVICE, EventPublisher, event_type_url
+from shim.framework.ttrpc import CallContext, Code, Server, TtrpcError
 
 FAST = dict(backoff_initial=0.01, backoff_max=0.05, call_timeout=1.0, dial_timeout=1.0)
 
@@ -207,7 +207,7 @@ async def test_restart_while_a_call_is_in_flight(containerd, publisher):
 async def test_rejected_event_is_dropped_and_next_goes_through(containerd, publisher, caplog):
     containerd.reject_topics.add("/tasks/bad")
     await containerd.start()
-    with caplog.at_level(logging.ERROR, logger="shim.events"):
+    with caplog.at_level(logging.ERROR, logger="shim.framework.events"):
         publisher.publish("/tasks/exit", exit_event(1))
         publisher.publish("/tasks/bad", exit_event(2))
         publisher.publish("/tasks/exit", exit_event(3))
@@ -246,7 +246,7 @@ async def test_close_gives_up_after_flush_timeout(containerd, caplog):
     task = asyncio.create_task(pub.run())
     pub.publish("/tasks/exit", exit_event(0))
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="shim.events"):
+    with caplog.at_level(logging.ERROR, logger="shim.framework.events"):
         await pub.close(flush_timeout=0.3)
     assert 0.25 <= time.monotonic() - started < 2
     assert task.done() and not task.cancelled()
@@ -289,7 +289,7 @@ async def test_publish_from_another_thread(containerd, publisher):
 
 
 async def test_publish_never_raises(publisher, caplog):
-    with caplog.at_level(logging.ERROR, logger="shim.events"):
+    with caplog.at_level(logging.ERROR, logger="shim.framework.events"):
         publisher.publish("/tasks/exit", object())  # not a message
         publisher.publish("/tasks/exit", "nonsense")
     assert publisher.pending == 0
@@ -298,7 +298,7 @@ async def test_publish_never_raises(publisher, caplog):
 
 async def test_queue_bound_drops_oldest(containerd, caplog):
     pub = EventPublisher(containerd.path, "default", max_queued=5, **FAST)
-    with caplog.at_level(logging.ERROR, logger="shim.events"):
+    with caplog.at_level(logging.ERROR, logger="shim.framework.events"):
         for n in range(8):
             pub.publish("/tasks/exit", exit_event(n))
     assert pub.pending == 5 and pub.dropped == 3

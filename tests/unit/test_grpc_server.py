@@ -1,5 +1,5 @@
 """The gRPC adapter over a real unix socket, driven by grpclib's client (no containerd needed);
-and the protocol choice `start` makes (shim/bootstrap.py)."""
+and the protocol choice `start` makes (shim/framework/bootstrap.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from shim.api.containerd.task import v2 as task
 from shim.api.google.protobuf import Empty
 from shim.api.ttrpc import KeyValue
-from shim.bootstrap import (NOTE_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV, Protocol, choose,
+from shim.framework.bootstrap import (NOTE_ENV, GRPC_ON_CONTAINERD2_ENV, PROTOCOL_ENV, Protocol, choose,
                             containerd_major_version, major_from_modinfo)
-from shim.grpc_server import GrpcServer, RawCodec, grpc_status
-from shim.start import socket_address
-from shim.ttrpc import CallContext, Code, TtrpcError
-from shim.ttrpc.frames import MAX_MESSAGE_SIZE
+from shim.framework.grpc_server import GrpcServer, RawCodec, grpc_status
+from shim.framework.start import socket_address
+from shim.framework.ttrpc import CallContext, Code, TtrpcError
+from shim.framework.ttrpc.frames import MAX_MESSAGE_SIZE
 
 SERVICE = "test.Echo"
 
@@ -248,7 +248,7 @@ def test_grpc_status_mapping():
 
 def test_ttrpc_daemon_does_not_import_grpclib():
     """The ttrpc daemon's imports stay as they were: no grpclib, h2 or ssl."""
-    script = ("import sys, shim.daemon, shim.service, shim.ttrpc.server, shim.start;"
+    script = ("import sys, shim.framework.daemon, shim.framework.service, shim.framework.ttrpc.server, shim.framework.start;"
               "print(sorted(m for m in ('grpclib', 'h2', 'ssl') if sys.modules.get(m)))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -284,7 +284,7 @@ def test_containerd_major_of_real_binaries(tmp_path):
 
 
 def test_choice(tmp_path, monkeypatch):
-    import shim.bootstrap as bootstrap
+    import shim.framework.bootstrap as bootstrap
 
     majors = {"/c17": 1, "/c21": 2}
     monkeypatch.setattr(bootstrap, "containerd_major_version", majors.get)

@@ -9,13 +9,13 @@ import signal
 
 import pytest
 
-from shim import hooks as hooks_module
+from shim.framework import hooks as hooks_module
 from shim.api.containerd.task import v2 as task
 from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
 from shim.handler import Handler, Refused
-from shim.options import RuntimeOptions
-from shim.ttrpc.status import Code
+from shim.runc.options import RuntimeOptions
+from shim.framework.ttrpc.status import Code
 from test_service import expect_error, h  # noqa: F401  (h is a fixture)
 
 #: Hook calls of every Recording instance, in order: (hook, container id, detail).

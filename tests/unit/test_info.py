@@ -12,7 +12,7 @@ from shim.api.containerd.runc.v1 import Options
 from shim.api.containerd.types import RuntimeInfo
 from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
-from shim.info import FEATURES_TYPE_URL
+from shim.framework.info import FEATURES_TYPE_URL
 
 FEATURES = {
     "ociVersionMin": "1.0.0",

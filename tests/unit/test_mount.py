@@ -1,4 +1,4 @@
-"""shim.mount: real mount(2)/umount2 calls on temp dirs (root only), plus the pure helpers.
+"""shim.framework.mount: real mount(2)/umount2 calls on temp dirs (root only), plus the pure helpers.
 
 Every test that mounts checks, on teardown, that nothing is left mounted under its temp dir.
 """
@@ -12,9 +12,9 @@ import tempfile
 
 import pytest
 
-import shim.mount
+import shim.framework.mount
 from shim.api.containerd.types import Mount
-from shim.mount import (
+from shim.framework.mount import (
     MS_BIND,
     MS_NODEV,
     MS_NOSUID,
@@ -256,14 +256,14 @@ def test_failure_unmounts_earlier_mounts(base):
 @needs_root
 def test_failed_read_only_remount_undoes_the_bind(base, monkeypatch):
     source, target = make_dirs(base, "src", "rootfs")
-    real_mount = shim.mount._sys_mount
+    real_mount = shim.framework.mount._sys_mount
 
     def refuse_remount(src, tgt, fstype, flags, data):
         if flags & MS_REMOUNT:
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
         real_mount(src, tgt, fstype, flags, data)
 
-    monkeypatch.setattr(shim.mount, "_sys_mount", refuse_remount)
+    monkeypatch.setattr(shim.framework.mount, "_sys_mount", refuse_remount)
     with pytest.raises(MountError) as caught:
         mount_all([Mount(type="bind", source=source, options=["rbind", "ro"])], target)
     assert str(caught.value).startswith(f"remount read-only bind {source!r} on {target}: Operation not permitted")

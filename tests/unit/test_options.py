@@ -5,7 +5,7 @@ import pytest
 from shim.api.containerd.runc.v1 import Options
 from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
-from shim.options import RuntimeOptions
+from shim.runc.options import RuntimeOptions
 
 
 def test_no_options_are_defaults():

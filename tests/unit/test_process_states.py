@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shim.process import Created, Deleted, Paused, Running, Stopped
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.process import Created, Deleted, Paused, Running, Stopped
+from shim.framework.ttrpc.status import Code, TtrpcError
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from shim.reaper import CommandTimeout, Exit, Reaper, exit_code, set_child_subreaper
+from shim.framework.reaper import CommandTimeout, Exit, Reaper, exit_code, set_child_subreaper
 
 
 def open_fds() -> set[str]:

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from shim.reaper import Reaper, set_child_subreaper
-from shim.runc import (
+from shim.framework.reaper import Reaper, set_child_subreaper
+from shim.runc.runtime import (
     CriuOptions,
     LogEntry,
     Runc,

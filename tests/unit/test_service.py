@@ -3,7 +3,7 @@
 The service is driven directly (no ttrpc) with:
 
 * the real `Reaper`, with this pytest process as child subreaper for the duration of a test;
-* a fake OCI runtime (`FakeRuntime`, same methods as `shim.runc.Runc`, injected through
+* a fake OCI runtime (`FakeRuntime`, same methods as `shim.runc.runtime.Runc`, injected through
   `TaskService(runtime_factory=...)`). Like runc it starts every container process through a
   short-lived launcher (`sh`), so the process is re-parented to us and its exit reaches the
   service through a reaper subscription, exactly like a container's. `create` leaves the
@@ -14,7 +14,7 @@ The service is driven directly (no ttrpc) with:
 * a recording publisher that snapshots, for every /tasks/exit, what State and Wait answer at
   that instant.
 
-The rules under test are those of shim/service.py's docstring (containerd's
+The rules under test are those of shim/framework/service.py's docstring (containerd's
 cmd/containerd-shim-runc-v2/spec/Shim.tla). Stdio is /dev/null (empty strings), no rootfs.
 Every test ends with no child process and no fd left behind (checked by the fixture).
 """
@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shim import service as service_module
+from shim.framework import service as service_module
 from shim.api.containerd.task import v2 as task
 from shim.api.containerd.v1.types import Status
 from shim.api.google.protobuf import Any
-from shim.process import NOT_EXITED
-from shim.reaper import Exit, Reaper, set_child_subreaper
-from shim.runc import RuncError
-from shim.service import TaskService
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.process import NOT_EXITED
+from shim.framework.reaper import Exit, Reaper, set_child_subreaper
+from shim.runc.runtime import RuncError
+from shim.framework.service import TaskService
+from shim.framework.ttrpc.status import Code, TtrpcError
 
 NAMESPACE = "pyshim-unit"
 
@@ -169,7 +169,7 @@ class Held:
 
 
 class FakeRuntime:
-    """shim.runc.Runc's interface over plain processes: one instance per container.
+    """shim.runc.runtime.Runc's interface over plain processes: one instance per container.
 
     config.json of the bundle: {"process": {"args": [...]}, "linux": {"namespaces": [...]}}
     and optionally {"fake": {"create_error": "..."}}.
@@ -1055,7 +1055,7 @@ async def test_fake_processes_are_reparented_to_us_and_reaped_through_the_subscr
 async def test_init_exit_is_recorded_in_the_bundle_and_pids_lists_it(h):
     # Durability (issue 5): the exit is in the bundle before /tasks/exit goes out, and Pids
     # of a stopped task lists the exited init so that a restarted containerd keeps the task.
-    from shim import exit_record
+    from shim.framework import exit_record
 
     created = await h.create("c1", "sh", "-c", "exit 3")
     bundle = str(h.tmp_path / "c1")
@@ -1075,7 +1075,7 @@ async def test_init_exit_is_recorded_in_the_bundle_and_pids_lists_it(h):
 
 
 def test_exit_record_round_trip_and_garbage(tmp_path):
-    from shim import exit_record
+    from shim.framework import exit_record
 
     assert exit_record.read(str(tmp_path)) is None
     exit_record.write(str(tmp_path), 42, 137, 1_700_000_000_123_456_789)
@@ -1102,7 +1102,7 @@ class CheckpointingRuntime(FakeRuntime):
         self.on_restore = None  # async (container_id, pid) before restore "returns"
 
     async def checkpoint(self, id, criu, *, leave_running=False, pre_dump=False) -> None:
-        from shim.runc import Runc
+        from shim.runc.runtime import Runc
 
         self.calls.append(("checkpoint", id, criu, leave_running))
         self.argv = Runc(self.reaper, log_path="/b/log.json").argv(
@@ -1359,7 +1359,7 @@ async def test_restored_init_exit_during_restore_follows_start(ch):
 
 
 async def test_restore_uses_the_criu_work_path_option_and_exec_works_after(ch):
-    from shim.options import RuntimeOptions
+    from shim.runc.options import RuntimeOptions
 
     bundle = ch.tmp_path / "c1"
     bundle.mkdir()

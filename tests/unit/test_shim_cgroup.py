@@ -8,7 +8,7 @@ import pytest
 from shim.api.containerd.runc.v1 import Options
 from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
-from shim.placement import PlacementError, join_cgroup, shim_cgroup_of
+from shim.framework.placement import PlacementError, join_cgroup, shim_cgroup_of
 
 
 def test_shim_cgroup_from_each_kind_of_options(tmp_path):

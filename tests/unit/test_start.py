@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from shim.cli import Flags, UsageError, parse_flags
-from shim.start import _bootstrap_params, bind_or_find, group_id, socket_address
+from shim.framework.start import _bootstrap_params, bind_or_find, group_id, socket_address
 
 
 def test_go_flag_syntax():
@@ -81,7 +81,7 @@ def test_start_forks_a_daemon_that_answers_and_shuts_down(tmp_path):
     from shim.api.containerd.runtime.bootstrap.v1 import BootstrapParams, BootstrapResult
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Empty
-    from shim.ttrpc import Client
+    from shim.framework.ttrpc import Client
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()

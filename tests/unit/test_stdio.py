@@ -1,4 +1,4 @@
-"""shim.stdio with real FIFOs and real child processes (no containerd, no runc).
+"""shim.framework.stdio with real FIFOs and real child processes (no containerd, no runc).
 
 The child stands in for runc: it is spawned with posix_spawn, its fds 0-2 dup'ed from
 `ProcessIO.child_fds()`, and the test plays containerd's client on the FIFOs.
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from shim import stdio
-from shim.stdio import StdioError, open_process_io, plan_stdio
+from shim.framework import stdio
+from shim.framework.stdio import StdioError, open_process_io, plan_stdio
 
 
 @pytest.fixture(autouse=True)
@@ -494,7 +494,7 @@ wait
 
 @pytest.fixture
 async def reaper():
-    from shim.reaper import Reaper
+    from shim.framework.reaper import Reaper
 
     r = Reaper()
     r.start()

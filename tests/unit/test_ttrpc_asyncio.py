@@ -12,8 +12,8 @@ import tempfile
 import pytest
 
 from shim.api.ttrpc import KeyValue, Request, Response
-from shim.ttrpc import CallContext, Client, Code, ConnectionClosed, Server, TtrpcError
-from shim.ttrpc.frames import MAX_MESSAGE_SIZE, FrameDecoder, MessageType, encode_frame
+from shim.framework.ttrpc import CallContext, Client, Code, ConnectionClosed, Server, TtrpcError
+from shim.framework.ttrpc.frames import MAX_MESSAGE_SIZE, FrameDecoder, MessageType, encode_frame
 
 SERVICE = "test.Echo"
 

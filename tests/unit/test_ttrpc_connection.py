@@ -6,9 +6,9 @@ import pytest
 
 from shim.api.google.rpc import Status
 from shim.api.ttrpc import KeyValue, Request, Response
-from shim.ttrpc.connection import ClientConnection, RequestReceived, ResponseReceived, ServerConnection
-from shim.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, MessageType, ProtocolViolation, encode_frame
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.ttrpc.connection import ClientConnection, RequestReceived, ResponseReceived, ServerConnection
+from shim.framework.ttrpc.frames import MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, MessageType, ProtocolViolation, encode_frame
+from shim.framework.ttrpc.status import Code, TtrpcError
 
 
 def request_frame(stream_id: int, service="svc", method="M", payload=b"", **kw) -> bytes:

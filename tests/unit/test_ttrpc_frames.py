@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.ttrpc.frames import (
+from shim.framework.ttrpc.frames import (
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
     Flags,

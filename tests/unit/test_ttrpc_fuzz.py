@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shim.api.ttrpc import KeyValue, Request
-from shim.ttrpc.connection import ClientConnection, RequestReceived, ServerConnection
-from shim.ttrpc.frames import HEADER, HEADER_SIZE, MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
+from shim.framework.ttrpc.connection import ClientConnection, RequestReceived, ServerConnection
+from shim.framework.ttrpc.frames import HEADER, HEADER_SIZE, MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 
 # A fuzz run may be slow on a loaded CI machine; what matters is coverage, not speed.
 fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

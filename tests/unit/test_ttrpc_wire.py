@@ -2,7 +2,7 @@
 
 import pytest
 
-from shim.ttrpc.wire import MalformedMessage, check_wellformed
+from shim.framework.ttrpc.wire import MalformedMessage, check_wellformed
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_hand_encoded_delete_response_matches_generated_code():
     import datetime
 
     from shim.api.containerd.task.v2 import DeleteResponse
-    from shim.delete import delete_response
+    from shim.framework.delete import delete_response
 
     for pid, status, ns in [(0, 137, 1_700_000_000_123_456_000), (4242, 0, 5_000), (2**31, 255, 0)]:
         when = datetime.datetime.fromtimestamp(ns // 1000 / 1e6, tz=datetime.timezone.utc)

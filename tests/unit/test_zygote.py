@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from shim import zygote
+from shim.framework import zygote
 from shim.cli import Flags
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="daemons join cgroups and serve like root shims")
@@ -31,7 +31,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="daemons join cgroups a
 # zygote for a daemon (or only starts a zygote), prints what it got, exits.
 HELPER = r"""
 import json, os, socket, sys
-from shim import zygote
+from shim.framework import zygote
 from shim.cli import Flags
 args = json.loads(sys.argv[1])
 if args.get("start_only"):
@@ -253,7 +253,7 @@ def test_a_zygote_that_fails_is_not_retried_at_every_start(env):
 def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Empty
-    from shim.ttrpc import Client
+    from shim.framework.ttrpc import Client
 
     zygote_env = {**env.env, "ZYGOTE_ONLY": "1"}
     zpid = env.start_zygote(zygote_env)
@@ -478,7 +478,7 @@ def _remove_cgroups(cgroups: list[tuple[str, str, str]]) -> None:
 def test_sigterm_stops_the_zygote_not_its_daemons(env):
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Empty
-    from shim.ttrpc import Client
+    from shim.framework.ttrpc import Client
 
     zpid = env.start_zygote()
     bundle = env.bundle()

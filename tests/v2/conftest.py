@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from containerd import IMAGE_REF, TARGETS, PrivateContainerd, build_busybox_image, image_cache_dir  # noqa: E402
 
-from shim import cgroups  # noqa: E402
+from shim.framework import cgroups  # noqa: E402
 
 if not cgroups.is_unified():
     collect_ignore_glob = ["test_*.py"]

@@ -24,7 +24,7 @@ import pytest
 from test_cgroup_features import _grpc_update, task_pid
 from test_lifecycle import PYSHIM, popen_ctr, pyshim_daemons, read_until, wait_subscribed
 
-from shim import cgroups
+from shim.framework import cgroups
 
 MiB = 1024 * 1024
 SCRATCH_DISK = "/dev/vda"

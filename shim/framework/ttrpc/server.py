@@ -25,7 +25,7 @@ from .frames import ProtocolViolation
 from .status import Code, TtrpcError
 from .wire import check_wellformed
 
-log = logging.getLogger("shim.ttrpc")
+log = logging.getLogger("shim.framework.ttrpc")
 
 Handler = Callable[[Any, "CallContext"], Awaitable[Any]]
 

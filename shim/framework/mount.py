@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MountError", "mount_all", "unmount_all"]
 
-log = logging.getLogger("shim.mount")
+log = logging.getLogger("shim.framework.mount")
 
 # <linux/mount.h>, <sched.h>
 MS_RDONLY = 0x1

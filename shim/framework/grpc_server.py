@@ -1,7 +1,7 @@
 """gRPC server for the Task API: the same handlers as the ttrpc server, served by grpclib.
 
 containerd 1.7+ talks gRPC to a shim whose `start` replied `protocol: grpc` (see
-shim/bootstrap.py). This adapter has the ttrpc `Server`'s interface (`register_service`,
+shim/framework/bootstrap.py). This adapter has the ttrpc `Server`'s interface (`register_service`,
 `start`, `close`), so the daemon registers the TaskService on either without knowing which:
 
 * every call is unary-unary; the request (at most 4 MiB, as over ttrpc) is checked
@@ -33,10 +33,10 @@ from grpclib.encoding.base import CodecBase
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as _GrpclibServer
 
-from shim.ttrpc.frames import MAX_MESSAGE_SIZE
-from shim.ttrpc.server import CallContext, Handler, Method, PeerCredentials, peer_credentials
-from shim.ttrpc.status import Code, TtrpcError
-from shim.ttrpc.wire import check_wellformed
+from shim.framework.ttrpc.frames import MAX_MESSAGE_SIZE
+from shim.framework.ttrpc.server import CallContext, Handler, Method, PeerCredentials, peer_credentials
+from shim.framework.ttrpc.status import Code, TtrpcError
+from shim.framework.ttrpc.wire import check_wellformed
 
 log = logging.getLogger("shim.grpc")
 

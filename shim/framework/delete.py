@@ -25,7 +25,7 @@ def _read(path: str) -> str:
 
 
 def delete(flags) -> int:
-    from shim.options import RuntimeOptions
+    from shim.runc.options import RuntimeOptions
 
     bundle = flags.bundle or os.getcwd()
     options = RuntimeOptions.read(bundle)
@@ -37,7 +37,7 @@ def delete(flags) -> int:
         _runtime_delete(flags, bundle, options, root)
     rootfs = os.path.join(bundle, "rootfs")
     if _mounted_under(rootfs):
-        from shim.mount import unmount_all
+        from shim.framework.mount import unmount_all
 
         try:
             unmount_all(rootfs)
@@ -45,7 +45,7 @@ def delete(flags) -> int:
             sys.stderr.write(f"unmount {rootfs}: {exc}\n")
 
     _remove_dead_socket(bundle)
-    from shim import exit_record
+    from shim.framework import exit_record
 
     recorded = exit_record.read(bundle)
     if recorded is not None:
@@ -123,7 +123,7 @@ def _mounted_under(path: str) -> bool:
 def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
     """containerd.task.v2.DeleteResponse, encoded by hand: importing the protobuf runtime
     for three fields would cost this short-lived command more than all its real work."""
-    from shim.ttrpc.wire import encode_bytes_field, encode_timestamp, encode_varint_field
+    from shim.framework.ttrpc.wire import encode_bytes_field, encode_timestamp, encode_varint_field
 
     seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
     return (

@@ -15,7 +15,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.ttrpc.status import Code, TtrpcError
 
 #: What the Go shim reports as exited_at for a process that has not exited: Go's zero time.
 NOT_EXITED = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc)
@@ -118,7 +118,7 @@ class Process:
         self.state: type[State] = Created
         self.exit_status = 0
         self.exited_at: datetime.datetime | None = None
-        self.io = None  # shim.stdio.ProcessIO once opened
+        self.io = None  # shim.framework.stdio.ProcessIO once opened
         self.stdin_closed = False  # CloseIO was received
         self._exited = asyncio.Event()
 
@@ -171,7 +171,7 @@ class InitProcess(Process):
         super().__init__(container_id, container_id, stdio)
         self.bundle = bundle
         self.pid_file = os.path.join(bundle, "init.pid")
-        #: Where Start restores from (a shim.runc.CriuOptions); None: a plain `runc start`.
+        #: Where Start restores from (a shim.runc.runtime.CriuOptions); None: a plain `runc start`.
         self.restore = None
 
     def restore_from(self, criu) -> None:

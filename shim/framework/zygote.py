@@ -40,7 +40,7 @@ environment (also shown in /proc/<pid>/environ) and command line (/proc/<pid>/cm
 comm, so `ps` and tools that look for the shim by its arguments see the usual shim), none of
 the zygote's fds. It sends its pid to `start`, waits for "go" (so that a start that gave up
 waiting can never end up with two daemons on one socket), then calls
-`shim.daemon.serve(flags, listener)`.
+`shim.framework.daemon.serve(flags, listener)`.
 
 The socket's name is keyed by the installation: interpreter, package directory, version,
 size and mtime of every .py file of the package, uid and PYTHON* environment variables; an
@@ -107,7 +107,7 @@ def installation_key() -> str:
     bundle, first). ~0.5 ms."""
     import site
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # shim/, apps included
     h = _sha256()
     for part in (sys.executable, package, __version__, str(os.getuid())):
         h.update(os.fsencode(part) + b"\0")
@@ -217,8 +217,8 @@ def start_zygote(path: str) -> bool:
         os.ftruncate(lock, 0)
         os.pwrite(lock, f"{now:.3f}\n".encode(), 0)
         os.set_inheritable(lock, True)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        boot = ("import sys; sys.path.insert(0, sys.argv[3]); from shim.zygote import main; "
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        boot = ("import sys; sys.path.insert(0, sys.argv[3]); from shim.framework.zygote import main; "
                 "sys.exit(main(sys.argv[1:]))")
         argv = [sys.executable, "-P", "-c", boot, path, str(lock), root, "-" * ARG_ROOM]
         env = {**os.environ, _PAD_VAR: "-" * ENV_ROOM}
@@ -246,12 +246,12 @@ def start_zygote(path: str) -> bool:
 
 #: What the daemon imports (at start and in its handlers), imported once by the zygote.
 PRELOAD = (
-    "shim.daemon",  # first: it keeps asyncio from importing ssl
+    "shim.framework.daemon",  # first: it keeps asyncio from importing ssl
     "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource", "shim.cli",
-    "shim.events", "shim.reaper", "shim.service", "shim.ttrpc.server", "shim.ttrpc.client",
-    "shim.api.services", "shim.runc", "shim.stdio", "shim.console", "shim.cgroups", "shim.mount",
-    "shim.container",
-    "shim.process", "shim.options", "shim.api.containerd.events", "shim.api.containerd.task.v2",
+    "shim.framework.events", "shim.framework.reaper", "shim.framework.service", "shim.framework.ttrpc.server", "shim.framework.ttrpc.client",
+    "shim.api.services", "shim.runc.runtime", "shim.framework.stdio", "shim.framework.console", "shim.framework.cgroups", "shim.framework.mount",
+    "shim.framework.container",
+    "shim.framework.process", "shim.runc.options", "shim.api.containerd.events", "shim.api.containerd.task.v2",
     "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
     "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
     "shim.api.io.containerd.cgroups.v1", "shim.api.io.containerd.cgroups.v2",
@@ -553,7 +553,7 @@ class Zygote:
             os.environ.update(env)
             _apply_settings(settings)
             _set_proc_strings(settings["argv"], settings["comm"], env)
-            from shim.daemon import serve
+            from shim.framework.daemon import serve
 
             code = serve(flags, listener)
         except BaseException:
@@ -798,8 +798,8 @@ def main(args: list[str]) -> int:
     os.set_inheritable(lock_fd, False)
     gc.disable()
     missing = []
-    # A zygote started for a gRPC-mode daemon (shim/bootstrap.py) shares grpclib with its daemons too.
-    grpc = ("shim.grpc_server",) if os.environ.get("PYSHIM_PROTOCOL") == "grpc" else ()
+    # A zygote started for a gRPC-mode daemon (shim/framework/bootstrap.py) shares grpclib with its daemons too.
+    grpc = ("shim.framework.grpc_server",) if os.environ.get("PYSHIM_PROTOCOL") == "grpc" else ()
     for module in PRELOAD + grpc:
         try:
             __import__(module)

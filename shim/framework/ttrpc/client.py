@@ -19,7 +19,7 @@ from .frames import ProtocolViolation
 from .status import Code, ConnectionClosed, TtrpcError
 from .wire import check_wellformed
 
-log = logging.getLogger("shim.ttrpc")
+log = logging.getLogger("shim.framework.ttrpc")
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Callable
 
-log = logging.getLogger("shim.cgroups")
+log = logging.getLogger("shim.framework.cgroups")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 MAX_UINT64 = 2**64 - 1

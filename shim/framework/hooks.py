@@ -18,9 +18,9 @@ import importlib
 import logging
 
 from shim.handler import ContainerInfo, ExitInfo, Handler, ProcessInfo, Refused
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.ttrpc.status import Code, TtrpcError
 
-log = logging.getLogger("shim.hooks")
+log = logging.getLogger("shim.framework.hooks")
 
 #: Bound of a hook when its request carries no deadline, and of every notification hook.
 HOOK_TIMEOUT = 30.0
@@ -85,7 +85,7 @@ class HandlerRunner:
 
 
 def process_info(process) -> ProcessInfo:
-    """The handler's view of a shim.process.Process."""
+    """The handler's view of a shim.framework.process.Process."""
     spec = getattr(process, "spec", None)
     return ProcessInfo(container_id=process.container_id, exec_id=process.exec_id,
                        spec=spec if isinstance(spec, dict) else {}, pid=process.pid,

@@ -5,7 +5,7 @@ Options, or CRI's runtimeoptions.v1 TOML). Like the Go shim, `start` moves the n
 into `shim_cgroup` before it reports the address, and fails the start if it cannot: a shim
 outside the cgroup the operator asked for would escape its accounting silently.
 
-Read with shim.ttrpc.wire's field peeking, not the protobuf runtime: this is on the path of
+Read with shim.framework.ttrpc.wire's field peeking, not the protobuf runtime: this is on the path of
 every `start`.
 """
 
@@ -28,7 +28,7 @@ def shim_cgroup_of(options: bytes) -> str:
     """
     if not options:
         return ""
-    from shim.ttrpc.wire import MalformedMessage, string_fields
+    from shim.framework.ttrpc.wire import MalformedMessage, string_fields
 
     try:
         any_fields = string_fields(options)
@@ -37,7 +37,7 @@ def shim_cgroup_of(options: bytes) -> str:
         if type_url == "containerd.runc.v1.Options":
             return string_fields(value).get(3, b"").decode()  # field 3: shim_cgroup
         if type_url == "runtimeoptions.v1.Options":
-            from shim.options import RuntimeOptions
+            from shim.runc.options import RuntimeOptions
 
             config = string_fields(value)  # 2: config_path, 3: config_body
             path = config.get(2, b"").decode()

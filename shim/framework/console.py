@@ -3,14 +3,14 @@
 With `terminal: true` runc creates the pseudo-terminal itself, makes the slave the container
 process's stdio, connects to the unix socket named by `--console-socket` and sends one message:
 the master's file name as payload and the master fd as SCM_RIGHTS (runc's utils.SendFile). The
-shim copies between that master and containerd's FIFOs (shim.stdio, terminal mode).
+shim copies between that master and containerd's FIFOs (shim.framework.stdio, terminal mode).
 
     async with ConsoleSocket() as console:          # listening, already accepting
         await runtime.create(..., console_socket=console.path)
         master = await console.receive_master()     # the fd is ours from here on
     # temp dir and socket removed
 
-or, for a shim.stdio.ProcessIO (a no-op unless it is in terminal mode):
+or, for a shim.framework.stdio.ProcessIO (a no-op unless it is in terminal mode):
 
     async with attach_console(io) as console_socket:   # a path, or None
         await runtime.create(..., console_socket=console_socket)
@@ -34,7 +34,7 @@ import tempfile
 import termios
 from collections.abc import AsyncIterator
 
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.ttrpc.status import Code, TtrpcError
 
 #: runc's message is the master's name (a path); it never needs more than this.
 MAX_PAYLOAD = 4096

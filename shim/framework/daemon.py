@@ -92,27 +92,27 @@ def serve_inherited(flags) -> int:
 
 
 def _task_api_server():
-    """A ttrpc server, or in gRPC mode (set by start, shim/bootstrap.py) the gRPC adapter.
+    """A ttrpc server, or in gRPC mode (set by start, shim/framework/bootstrap.py) the gRPC adapter.
 
     grpclib (and h2) are imported only here, so the ttrpc daemon never pays for them.
     """
-    from shim.bootstrap import NOTE_ENV, PROTOCOL_ENV
+    from shim.framework.bootstrap import NOTE_ENV, PROTOCOL_ENV
 
     if os.environ.get(NOTE_ENV):
         log.warning("gRPC mode: %s", os.environ[NOTE_ENV])
     if os.environ.get(PROTOCOL_ENV) == "grpc":
-        from shim.grpc_server import GrpcServer
+        from shim.framework.grpc_server import GrpcServer
 
         return GrpcServer(require_same_user=True)
-    from shim.ttrpc import Server
+    from shim.framework.ttrpc import Server
 
     return Server(require_same_user=True)
 
 
 async def _serve(flags, listener: socket.socket) -> None:
-    from shim.events import EventPublisher
-    from shim.reaper import Reaper
-    from shim.service import TaskService
+    from shim.framework.events import EventPublisher
+    from shim.framework.reaper import Reaper
+    from shim.framework.service import TaskService
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

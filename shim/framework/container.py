@@ -11,11 +11,11 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from shim.options import RuntimeOptions
-from shim.process import ExecProcess, InitProcess, Process
-from shim.ttrpc.status import Code, TtrpcError
+from shim.runc.options import RuntimeOptions
+from shim.framework.process import ExecProcess, InitProcess, Process
+from shim.framework.ttrpc.status import Code, TtrpcError
 
-log = logging.getLogger("shim.container")
+log = logging.getLogger("shim.framework.container")
 
 #: The type of CheckpointTaskRequest.options (what ctr and containerd's client send).
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
@@ -26,17 +26,17 @@ class Container:
     bundle: str
     namespace: str
     options: RuntimeOptions
-    runtime: object  # shim.runc.Runc
+    runtime: object  # shim.runc.runtime.Runc
     init: InitProcess
     rootfs_mounted: bool = False
     execs: dict[str, ExecProcess] = field(default_factory=dict)
     #: execs whose `runc exec` is in flight; init's exit waits for them (Shim.tla).
     starting_execs: int = 0
-    #: init's cgroup (shim.cgroups.Cgroup), loaded at Create (or Start); None: no Stats.
+    #: init's cgroup (shim.framework.cgroups.Cgroup), loaded at Create (or Start); None: no Stats.
     cgroup: object | None = None
-    #: its armed OOM notification (shim.cgroups.OomWatch), closed at Delete.
+    #: its armed OOM notification (shim.framework.cgroups.OomWatch), closed at Delete.
     oom_watch: object | None = None
-    #: its custom handler (shim.hooks.HandlerRunner), None without one.
+    #: its custom handler (shim.framework.hooks.HandlerRunner), None without one.
     handler: object | None = None
 
     @property
@@ -66,7 +66,7 @@ class Container:
 
     def restore_options(self, checkpoint: str, parent_checkpoint: str = ""):
         """The CriuOptions `runc restore` gets for a Create with a checkpoint."""
-        from shim.runc import CriuOptions
+        from shim.runc.runtime import CriuOptions
 
         return CriuOptions(
             image_path=checkpoint,
@@ -82,7 +82,7 @@ class Container:
         after the dump and its exit is reaped and published like any other. On failure CRIU's
         dump.log is copied to <bundle>/criu-dump.log, because a default work dir is removed.
         """
-        from shim.runc import CriuOptions, RuncError
+        from shim.runc.runtime import CriuOptions, RuncError
 
         self.init.state.check("checkpoint")
         work_path = options.work_path or os.path.join(self.work_dir, "criu-work")

@@ -36,9 +36,9 @@ from typing import Any as _AnyType
 from shim.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
 from shim.api.google.protobuf import Any
 from shim.api.message_pool import default_message_pool
-from shim.ttrpc import Client, Code, TtrpcError
+from shim.framework.ttrpc import Client, Code, TtrpcError
 
-log = logging.getLogger("shim.events")
+log = logging.getLogger("shim.framework.events")
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
 METHOD = "Forward"

@@ -31,13 +31,13 @@ from shim.api.containerd import events
 from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
-from shim.container import Container
-from shim.options import RuntimeOptions
-from shim.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
-from shim.runc import RuncError
-from shim.ttrpc.status import Code, TtrpcError
+from shim.framework.container import Container
+from shim.runc.options import RuntimeOptions
+from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
+from shim.runc.runtime import RuncError
+from shim.framework.ttrpc.status import Code, TtrpcError
 
-log = logging.getLogger("shim.service")
+log = logging.getLogger("shim.framework.service")
 
 #: How long an exit waits for the process's output to reach the client before it is
 #: published anyway (a background child may hold stdout open forever).
@@ -75,7 +75,7 @@ class TaskService:
         self.publisher = publisher
         self.reaper = reaper
         self._on_shutdown = on_shutdown
-        #: Builds a container's OCI runtime client with shim.runc.Runc's constructor arguments;
+        #: Builds a container's OCI runtime client with shim.runc.runtime.Runc's constructor arguments;
         #: None means Runc itself (imported lazily). Tests pass a fake runtime here.
         self._runtime_factory = runtime_factory
         self.containers: dict[str, Container] = {}
@@ -195,7 +195,7 @@ class TaskService:
     def _record_init_exit(init: InitProcess, exited_at_ns: int) -> None:
         # Durable before /tasks/exit goes out: if containerd is down now and this daemon
         # dies before it is back, `delete` still answers with the real status.
-        from shim import exit_record
+        from shim.framework import exit_record
 
         try:
             exit_record.write(init.bundle, init.pid, init.exit_status, exited_at_ns)
@@ -241,7 +241,7 @@ class TaskService:
         Runs before anything is mounted or started, so a refusal leaves nothing behind."""
         import json
 
-        from shim.hooks import ContainerInfo, HandlerRunner, load_handler
+        from shim.framework.hooks import ContainerInfo, HandlerRunner, load_handler
 
         handler = load_handler(options.handler, options.handler_options)
         config = os.path.join(req.bundle, "config.json")
@@ -268,7 +268,7 @@ class TaskService:
         runner = container.handler
         if runner is None:
             return
-        from shim.hooks import exit_info, process_info
+        from shim.framework.hooks import exit_info, process_info
 
         if process is None:
             await runner.notify(hook)
@@ -279,10 +279,10 @@ class TaskService:
 
     # -- Task API -------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
-        from shim.console import attach_console
-        from shim.mount import mount_all, unmount_all
-        from shim.runc import Runc
-        from shim.stdio import open_process_io
+        from shim.framework.console import attach_console
+        from shim.framework.mount import mount_all, unmount_all
+        from shim.runc.runtime import Runc
+        from shim.framework.stdio import open_process_io
 
         if not req.id:
             raise TtrpcError(Code.INVALID_ARGUMENT, "task id must not be empty")
@@ -422,7 +422,7 @@ class TaskService:
     async def _start_restore(self, container: Container, process: InitProcess) -> task.StartResponse:
         """Start of an init created from a checkpoint: `runc restore --detach`, with the IO
         opened at Create (a new console socket for a terminal, as the Go shim)."""
-        from shim.console import attach_console
+        from shim.framework.console import attach_console
 
         # As for an exec, the pid is only known once runc wrote it: collect unknown exits.
         collector: list = []
@@ -462,8 +462,8 @@ class TaskService:
         return task.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
-        from shim.console import attach_console
-        from shim.stdio import open_process_io
+        from shim.framework.console import attach_console
+        from shim.framework.stdio import open_process_io
 
         init = container.init
         # Rule 3: refused from the moment init's exit is reaped (it leaves _by_pid then), not only
@@ -533,7 +533,7 @@ class TaskService:
             _remove_quietly(process.pid_file)
             del container.execs[process.id]
             return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
-        from shim.mount import unmount_all
+        from shim.framework.mount import unmount_all
         process.state.check("delete")
         try:
             await container.runtime.delete(container.id, force=False)
@@ -588,7 +588,7 @@ class TaskService:
         # a console socket for a process spec without a terminal.
         spec["terminal"] = bool(req.terminal)
         if container.handler is not None:
-            from shim.hooks import ProcessInfo
+            from shim.framework.hooks import ProcessInfo
 
             view = ProcessInfo(container_id=container.id, exec_id=req.exec_id, spec=spec, terminal=bool(req.terminal))
             await container.handler.guarded("exec", getattr(ctx, "deadline", None), view)
@@ -687,7 +687,7 @@ class TaskService:
         return Empty()  # no console (any more): nothing to resize, as the Go shim answers
 
     async def pause(self, req: task.PauseRequest, ctx) -> Empty:
-        from shim.process import Paused
+        from shim.framework.process import Paused
         container = self._container(req.id)
         container.init.state.check("pause")
         with runtime_errors("OCI runtime pause failed"):
@@ -714,7 +714,7 @@ class TaskService:
         return task.StatsResponse(stats=Any(type_url=container.cgroup.metrics_type, value=bytes(metrics)))
 
     async def checkpoint(self, req: task.CheckpointTaskRequest, ctx) -> Empty:
-        from shim.container import decode_checkpoint_options
+        from shim.framework.container import decode_checkpoint_options
 
         container = self._container(req.id)
         await container.checkpoint(req.path, decode_checkpoint_options(req.options))
@@ -741,7 +741,7 @@ class TaskService:
         return Empty()
 
     def _load_cgroup(self, container: Container) -> None:
-        from shim import cgroups
+        from shim.framework import cgroups
 
         try:
             container.cgroup = cgroups.load_container(container.init.pid)

@@ -6,7 +6,7 @@ Layers, from the wire up:
 - `connection`: per-connection stream bookkeeping and protocol rules (sans-IO);
 - `server` / `client`: thin asyncio adapters that move bytes and run handlers.
 
-The names below load on first use, so that `shim.ttrpc.status` or `shim.ttrpc.wire` can
+The names below load on first use, so that `shim.framework.ttrpc.status` or `shim.framework.ttrpc.wire` can
 be imported on the `start` path without pulling in asyncio and the protobuf runtime.
 """
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shim.reaper import PIPE, Reaper, Result
+from shim.framework.reaper import PIPE, Reaper, Result
 
 __all__ = [
     "DEFAULT_ROOT",

@@ -6,7 +6,7 @@ bound and listening before we exit (containerd dials at once; the connection wai
 backlog while the daemon finishes importing).
 
 The daemon is forked, not exec'd as the Go shim does, so that no container pays for a
-second interpreter: preferably by the warm zygote (shim/zygote.py), which has imported
+second interpreter: preferably by the warm zygote (shim/framework/zygote.py), which has imported
 everything the daemon needs, else by this process once the socket is bound (the first start
 of an installation, or PYSHIM_ZYGOTE=0).
 """
@@ -127,7 +127,7 @@ def adjust_oom_score(pid: int) -> None:
 def _place(pid: int, options: bytes, address: str) -> bool:
     """Move the new daemon into the options' shim_cgroup; on failure stop it again and say
     why (containerd shows start's output as the error)."""
-    from shim.placement import PlacementError, join_cgroup, shim_cgroup_of
+    from shim.framework.placement import PlacementError, join_cgroup, shim_cgroup_of
 
     cgroup = shim_cgroup_of(options)
     if not cgroup:
@@ -153,7 +153,7 @@ def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
     """
     if not data:
         return False
-    from shim.ttrpc.wire import MalformedMessage, string_fields
+    from shim.framework.ttrpc.wire import MalformedMessage, string_fields
 
     try:
         fields = string_fields(data)
@@ -169,7 +169,7 @@ def start(flags) -> int:
     except OSError:
         stdin_data = b""
     bootstrap = _bootstrap_params(stdin_data, flags.id, flags.namespace)
-    from shim.bootstrap import choose, containerd_binary
+    from shim.framework.bootstrap import choose, containerd_binary
 
     protocol = choose(os.environ, containerd_binary(flags.publish_binary), bootstrap)
     protocol.export(os.environ)  # before the daemon is forked: it serves what we announce
@@ -180,7 +180,7 @@ def start(flags) -> int:
         print(f"pyshim start: {exc}", file=sys.stderr)
         return 1
     if listener is not None:
-        from shim.zygote import spawn_daemon
+        from shim.framework.zygote import spawn_daemon
 
         pid = spawn_daemon(flags, listener, bundle)  # a warm zygote's fork, or None
         if pid is None:
@@ -212,7 +212,7 @@ def _become_daemon(flags, listener: socket.socket) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)  # containerd waits for EOF on our stdout/stderr pipe
         os.close(null)
-        from shim.daemon import serve
+        from shim.framework.daemon import serve
 
         code = serve(flags, listener)
     finally:

@@ -47,7 +47,7 @@ def runtime_info(options_data: bytes) -> RuntimeInfo:
     """RuntimeInfo for the options containerd sent; ValueError when they cannot be read."""
     from shim import __version__
     from shim.cli import RUNTIME_TYPE
-    from shim.options import RuntimeOptions
+    from shim.runc.options import RuntimeOptions
 
     options = Any.parse(options_data) if options_data else None
     binary = RuntimeOptions.from_any(options).runtime_binary

@@ -43,7 +43,7 @@ registered while data flows, so a busy stream costs no future and no epoll_ctl p
 `binary:///path?k=v` starts a logger process instead of pumps (see `_Logger`).
 
 Terminal mode (`terminal=True`): runc gets /dev/null as its stdio and sends the pty master
-over the console socket (shim.console); the shim hands it over with `attach_console(master)`.
+over the console socket (shim.framework.console); the shim hands it over with `attach_console(master)`.
 The stdout FIFO (or file) and the stdin FIFO are opened up front exactly as above, stderr is
 unused (the pty merges it). Pumps: master -> stdout, stdin FIFO -> master. The master reads
 EIO once the last slave fd is closed (the process and whatever inherited the tty exited). That
@@ -73,7 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
-log = logging.getLogger("shim.stdio")
+log = logging.getLogger("shim.framework.stdio")
 
 #: How long Create/Exec wait for the client to open its end of an output FIFO (the Go shim's
 #: copy context has the same 30 s).
@@ -181,7 +181,7 @@ async def open_process_io(
     once the pty master is handed over (`attach_console`). Nothing is left open on failure or
     cancellation.
 
-    binary:// needs `reaper` (a started shim.reaper.Reaper: the logger's exit must go to a
+    binary:// needs `reaper` (a started shim.framework.reaper.Reaper: the logger's exit must go to a
     watcher, never look like a container process's) and gets `container_id` and `namespace`
     in its environment; it returns once the logger said it is ready.
     """
@@ -298,7 +298,7 @@ class ProcessIO:
         """ResizePty: set the pty's window size. False when there is no (longer a) console."""
         if self._master == -1:
             return False
-        from shim.console import resize
+        from shim.framework.console import resize
 
         resize(self._master, width=width, height=height)
         return True
