@@ -36,7 +36,9 @@ class FifoLogHandler(logging.Handler):
     def __init__(self, path: str, task_id: str, namespace: str) -> None:
         super().__init__()
         self._fd = -1
-        self._prefix = f"namespace={namespace} runtime=io.containerd.pyshim.v2 id={task_id}"
+        from shim.framework.app import identity
+
+        self._prefix = f"namespace={namespace} runtime={identity().runtime_type} id={task_id}"
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -123,7 +125,7 @@ async def _serve(flags, listener: socket.socket) -> None:
     reaper = Reaper()
     reaper.start()
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    service = TaskService(flags.namespace, publisher, reaper, on_shutdown=stop.set)
+    service = TaskService(flags.namespace, publisher, reaper, on_shutdown=stop.set)  # the installed app
     server = _task_api_server()
     service.register(server)
     await server.start(sock=listener)

@@ -12,10 +12,6 @@ import os
 import sys
 import time
 
-#: containerd waits 5 s for the whole command; leave room for unmounting and replying.
-RUNTIME_DELETE_TIMEOUT = 3.0
-
-
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -25,16 +21,13 @@ def _read(path: str) -> str:
 
 
 def delete(flags) -> int:
-    from shim.runc.options import RuntimeOptions
+    from shim.framework.app import current
 
     bundle = flags.bundle or os.getcwd()
-    options = RuntimeOptions.read(bundle)
-    root = options.runtime_root(flags.namespace)
     # After a normal teardown the daemon has already deleted the container and unmounted
     # the rootfs: then there is nothing to do, and containerd waits for us to exit before
     # it removes the snapshot, so every millisecond here is on the container's path.
-    if os.path.exists(os.path.join(root, flags.id)):
-        _runtime_delete(flags, bundle, options, root)
+    current().cleanup(flags.namespace, flags.id, bundle)
     rootfs = os.path.join(bundle, "rootfs")
     if _mounted_under(rootfs):
         from shim.framework.mount import unmount_all
@@ -58,24 +51,6 @@ def delete(flags) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: containerd is waiting on us
-
-
-def _runtime_delete(flags, bundle: str, options, root: str) -> None:
-    import subprocess
-
-    binary = _read(os.path.join(bundle, "runtime")) or options.runtime_binary
-    argv = [binary, "--root", root, "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
-    if options.systemd_cgroup:
-        argv.append("--systemd-cgroup")
-    argv += ["delete", "--force", flags.id]
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-    try:
-        result = subprocess.run(argv, env=env, capture_output=True, timeout=RUNTIME_DELETE_TIMEOUT, check=False)
-        if result.returncode != 0 and b"does not exist" not in result.stderr:
-            # stderr is logged by containerd as a warning; the cleanup goes on.
-            sys.stderr.write(f"{binary} delete --force {flags.id}: {result.stderr.decode(errors='replace').strip()}\n")
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        sys.stderr.write(f"{binary} delete --force {flags.id}: {exc}\n")
 
 
 #: Where shim sockets live (shim-protocol.md §2.4); nothing elsewhere is ever removed.

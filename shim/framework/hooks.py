@@ -52,6 +52,10 @@ class HandlerRunner:
         self.handler = handler
         self.name = name
         self.container = container
+        # Notification hooks run one at a time, in the order their events went out (an
+        # asyncio.Lock wakes its waiters first come, first served): an exec's exit that
+        # comes while its `started` hook still runs waits for it.
+        self._notifying = asyncio.Lock()
 
     async def guarded(self, hook: str, deadline: float | None, *args) -> None:
         """Run a refusable hook inside its request; errors become the request's status."""
@@ -76,7 +80,7 @@ class HandlerRunner:
     async def notify(self, hook: str, *args) -> None:
         """Run a notification hook: bounded, its errors logged and swallowed."""
         try:
-            async with asyncio.timeout(HOOK_TIMEOUT):
+            async with self._notifying, asyncio.timeout(HOOK_TIMEOUT):
                 await getattr(self.handler, hook)(self.container, *args)
         except TimeoutError:
             log.error("%s: handler %s.%s did not finish within %.0fs", self.container.id, self.name, hook, HOOK_TIMEOUT)

@@ -46,15 +46,13 @@ def runtime_features(binary: str) -> bytes | None:
 def runtime_info(options_data: bytes) -> RuntimeInfo:
     """RuntimeInfo for the options containerd sent; ValueError when they cannot be read."""
     from shim import __version__
-    from shim.cli import RUNTIME_TYPE
-    from shim.runc.options import RuntimeOptions
+    from shim.framework.app import current, identity
 
     options = Any.parse(options_data) if options_data else None
-    binary = RuntimeOptions.from_any(options).runtime_binary
-    info = RuntimeInfo(name=RUNTIME_TYPE, version=RuntimeVersion(version=__version__))
+    info = RuntimeInfo(name=identity().runtime_type, version=RuntimeVersion(version=__version__))
     if options is not None and options.type_url:
         info.options = options
-    features = runtime_features(binary)
+    features = current().features(options)
     if features is not None:
         info.features = Any(type_url=FEATURES_TYPE_URL, value=features)
     return info
@@ -65,7 +63,9 @@ def main() -> int:
     try:
         info = runtime_info(data)
     except ValueError as exc:
-        print(f"containerd-shim-pyshim-v2 -info: {exc}", file=sys.stderr)
+        from shim.framework.app import identity
+
+        print(f"{identity().binary_name} -info: {exc}", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(bytes(info))
     sys.stdout.flush()

@@ -37,16 +37,28 @@ def shim_cgroup_of(options: bytes) -> str:
         if type_url == "containerd.runc.v1.Options":
             return string_fields(value).get(3, b"").decode()  # field 3: shim_cgroup
         if type_url == "runtimeoptions.v1.Options":
-            from shim.runc.options import RuntimeOptions
-
             config = string_fields(value)  # 2: config_path, 3: config_body
             path = config.get(2, b"").decode()
             if path:
                 with open(path, "rb") as f:
-                    return RuntimeOptions.from_toml(f.read(), path).shim_cgroup
-            return RuntimeOptions.from_toml(config.get(3, b""), "runtime options").shim_cgroup
+                    return _shim_cgroup_in_toml(f.read())
+            return _shim_cgroup_in_toml(config.get(3, b""))
     except (MalformedMessage, UnicodeDecodeError, OSError, ValueError):
         return ""
+    return ""
+
+
+def _shim_cgroup_in_toml(data: bytes) -> str:
+    """The ShimCgroup key of a runtime options TOML table (any spelling of its case and
+    underscores, as the options are read), "" without one."""
+    import tomllib
+
+    table = tomllib.loads(data.decode())
+    for key, value in table.items():
+        if key.lower().replace("_", "") == "shimcgroup":
+            if not isinstance(value, str):
+                raise ValueError(f"ShimCgroup must be a str, not {value!r}")
+            return value
     return ""
 
 

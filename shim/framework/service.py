@@ -32,9 +32,8 @@ from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
 from shim.framework.container import Container
-from shim.runc.options import RuntimeOptions
 from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
-from shim.runc.runtime import RuncError
+from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
 from shim.framework.ttrpc.status import Code, TtrpcError
 
 log = logging.getLogger("shim.framework.service")
@@ -48,14 +47,13 @@ EXEC_EXIT_TIMEOUT = 10.0
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
 
-def check_kill_error(err: Exception) -> TtrpcError:
+def check_kill_error(err: RuntimeFailure) -> TtrpcError:
     """Map a runtime kill failure to what containerd's clients expect (NOT_FOUND is benign)."""
-    text = str(err)
-    if "container not running" in text or "no such process" in text.lower() or "process already finished" in text:
+    if isinstance(err, NotRunning):
         return TtrpcError(Code.NOT_FOUND, "process already finished: not found")
-    if "does not exist" in text:
+    if isinstance(err, NoSuchContainer):
         return TtrpcError(Code.NOT_FOUND, "no such container: not found")
-    return TtrpcError(Code.UNKNOWN, f"unknown error after kill: {text}")
+    return TtrpcError(Code.UNKNOWN, f"unknown error after kill: {err}")
 
 
 @contextlib.contextmanager
@@ -63,21 +61,28 @@ def runtime_errors(what: str) -> Iterator[None]:
     """A runtime failure as the status the Go shim returns: UNKNOWN, "<what>: <runc's own text>"."""
     try:
         yield
-    except RuncError as exc:
+    except RuntimeFailure as exc:
         raise TtrpcError(Code.UNKNOWN, f"{what}: {exc}") from None
 
 
 class TaskService:
     def __init__(
-        self, namespace: str, publisher, reaper, on_shutdown: Callable[[], None], runtime_factory: Callable | None = None
+        self, namespace: str, publisher, reaper, on_shutdown: Callable[[], None], app=None,
+        default_handler: str | None = None,
     ) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
         self._on_shutdown = on_shutdown
-        #: Builds a container's OCI runtime client with shim.runc.runtime.Runc's constructor arguments;
-        #: None means Runc itself (imported lazily). Tests pass a fake runtime here.
-        self._runtime_factory = runtime_factory
+        if app is None:
+            from shim.framework.app import current, identity
+
+            app = current()
+            default_handler = identity().default_handler if default_handler is None else default_handler
+        #: The application (shim.framework.app.App): options, OCI runtime, checkpointing.
+        self.app = app
+        #: The handler of containers whose options name none (a handler's own binary).
+        self.default_handler = default_handler or ""
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, Process] = {}
         self._exec_start_collectors: list[list] = []
@@ -235,7 +240,7 @@ class TaskService:
                 self._spawn(self._process_exit(container.init, pending))
 
     # -- handler hooks (shim.handler) -----------------------------------------------------
-    async def _run_create_hook(self, req: task.CreateTaskRequest, options: RuntimeOptions, deadline):
+    async def _run_create_hook(self, req: task.CreateTaskRequest, options, handler_spec: str, deadline):
         """Load the container's handler and run its `create` hook on the bundle's spec; what
         the hook changed is written back to config.json before the OCI runtime reads it.
         Runs before anything is mounted or started, so a refusal leaves nothing behind."""
@@ -243,7 +248,7 @@ class TaskService:
 
         from shim.framework.hooks import ContainerInfo, HandlerRunner, load_handler
 
-        handler = load_handler(options.handler, options.handler_options)
+        handler = load_handler(handler_spec, options.handler_options)
         config = os.path.join(req.bundle, "config.json")
         try:
             with open(config) as f:
@@ -253,11 +258,14 @@ class TaskService:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {req.bundle}: cannot read config.json: {exc}") from None
         info = ContainerInfo(id=req.id, namespace=self.namespace, bundle=req.bundle, spec=spec,
                              options=options.handler_options)
-        runner = HandlerRunner(handler, options.handler, info)
+        runner = HandlerRunner(handler, handler_spec, info)
         await runner.guarded("create", deadline)
         if not isinstance(info.spec, dict):
-            raise TtrpcError(Code.UNKNOWN, f"handler {options.handler}.create left a spec that is not an object")
-        if json.loads(original) != info.spec:
+            raise TtrpcError(Code.UNKNOWN, f"handler {handler_spec}.create left a spec that is not an object")
+        before = json.loads(original)
+        if info.spec.get("annotations") == {} and "annotations" not in before:
+            del info.spec["annotations"]  # only read through ContainerInfo.annotations
+        if before != info.spec:
             tmp = config + ".pyshim-tmp"
             with open(tmp, "w") as f:
                 json.dump(info.spec, f)
@@ -281,7 +289,6 @@ class TaskService:
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
         from shim.framework.console import attach_console
         from shim.framework.mount import mount_all, unmount_all
-        from shim.runc.runtime import Runc
         from shim.framework.stdio import open_process_io
 
         if not req.id:
@@ -290,13 +297,14 @@ class TaskService:
             raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
         bundle = req.bundle
         try:
-            options = RuntimeOptions.from_any(req.options)
+            options = self.app.parse_options(req.options)
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         options.write(bundle)
         handler = None
-        if options.handler:
-            handler = await self._run_create_hook(req, options, getattr(ctx, "deadline", None))
+        handler_spec = getattr(options, "handler", "") or self.default_handler
+        if handler_spec:
+            handler = await self._run_create_hook(req, options, handler_spec, getattr(ctx, "deadline", None))
         rootfs = os.path.join(bundle, "rootfs")
         mounted = False
         if req.rootfs:
@@ -306,13 +314,7 @@ class TaskService:
             except Exception as exc:
                 raise TtrpcError(Code.UNKNOWN, f"failed to mount rootfs component: {exc}") from None
             mounted = True
-        runtime = (self._runtime_factory or Runc)(
-            binary=options.runtime_binary,
-            root=options.runtime_root(self.namespace),
-            log_path=os.path.join(bundle, "log.json"),
-            systemd_cgroup=options.systemd_cgroup,
-            reaper=self.reaper,
-        )
+        runtime = self.app.runtime(options, namespace=self.namespace, bundle=bundle, reaper=self.reaper)
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
@@ -323,7 +325,7 @@ class TaskService:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle}: cannot read or write config.json: {exc}") from None
         if req.checkpoint:
             # Restore: no `runc create`; the IO is opened now and Start runs `runc restore`.
-            init.restore_from(container.restore_options(req.checkpoint, req.parent_checkpoint))
+            init.restore_from(self.app.restore_options(container, req.checkpoint, req.parent_checkpoint))
         io = None
         # Rule 1: init may die before `runc create` returns (killed, OOM); its exit is then of
         # a pid we do not know yet, so collect it like an exec's while it starts.
@@ -345,8 +347,6 @@ class TaskService:
                             stdin=stdin_fd,
                             stdout=stdout_fd,
                             stderr=stderr_fd,
-                            no_pivot=options.no_pivot_root,
-                            no_new_keyring=options.no_new_keyring,
                         )
                 io.start_copying()
                 io.close_child_ends()
@@ -406,7 +406,7 @@ class TaskService:
         self._starting.add(process)
         try:
             await container.runtime.start(container.id)
-        except RuncError as exc:
+        except RuntimeFailure as exc:
             raise TtrpcError(Code.UNKNOWN, f"OCI runtime start failed: {exc}") from None
         else:
             process.state = Running
@@ -437,7 +437,6 @@ class TaskService:
                     await container.runtime.restore(
                         container.id, container.bundle, process.restore,
                         pid_file=process.pid_file, console_socket=console_socket,
-                        no_pivot=container.options.no_pivot_root,
                         stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
                     )
             io.start_copying()
@@ -496,7 +495,7 @@ class TaskService:
                 io.start_copying()
                 io.close_child_ends()
                 process.pid = read_pid_file(process.pid_file)
-            except RuncError as exc:
+            except RuntimeFailure as exc:
                 process.io = None
                 io.close()
                 raise TtrpcError(Code.UNKNOWN, f"OCI runtime exec failed: {exc}") from None
@@ -537,9 +536,10 @@ class TaskService:
         process.state.check("delete")
         try:
             await container.runtime.delete(container.id, force=False)
-        except RuncError as exc:
-            if "does not exist" not in str(exc):
-                raise TtrpcError(Code.UNKNOWN, f"failed to delete task: {exc}") from None
+        except NoSuchContainer:
+            pass
+        except RuntimeFailure as exc:
+            raise TtrpcError(Code.UNKNOWN, f"failed to delete task: {exc}") from None
         if container.oom_watch is not None:
             container.oom_watch.close()
             container.oom_watch = None
@@ -632,7 +632,7 @@ class TaskService:
         if isinstance(process, InitProcess):
             try:
                 await container.runtime.kill(container.id, req.signal, all=req.all)
-            except RuncError as exc:
+            except RuntimeFailure as exc:
                 raise check_kill_error(exc) from None
             return Empty()
         if not process.pid:
@@ -714,10 +714,8 @@ class TaskService:
         return task.StatsResponse(stats=Any(type_url=container.cgroup.metrics_type, value=bytes(metrics)))
 
     async def checkpoint(self, req: task.CheckpointTaskRequest, ctx) -> Empty:
-        from shim.framework.container import decode_checkpoint_options
-
         container = self._container(req.id)
-        await container.checkpoint(req.path, decode_checkpoint_options(req.options))
+        await self.app.checkpoint(container, req.path, req.options)
         return Empty()  # no event from the shim (containerd publishes /tasks/checkpointed)
 
     async def update(self, req: task.UpdateTaskRequest, ctx) -> Empty:

@@ -23,17 +23,20 @@ import sys
 SOCKET_DIR = "/run/containerd/s"
 #: The Go shim refuses longer unix socket paths (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 106
-#: OCI annotations that put containers into one shim, first match wins.
-GROUP_ANNOTATIONS = ("io.containerd.pyshim.v2.group", "io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+#: OCI annotations that put containers into one shim, after the runtime's own
+#: (`<runtime type>.group`, e.g. io.containerd.pyshim.v2.group); first match wins.
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 
 
 def group_id(bundle: str, task_id: str) -> str:
+    from shim.framework.app import identity
+
     try:
         with open(os.path.join(bundle, "config.json")) as f:
             annotations = json.load(f).get("annotations") or {}
     except (OSError, ValueError):
         annotations = {}
-    for key in GROUP_ANNOTATIONS:
+    for key in (identity().group_annotation, *GROUP_ANNOTATIONS):
         if annotations.get(key):
             return annotations[key]
     return task_id

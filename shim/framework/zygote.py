@@ -109,7 +109,7 @@ def installation_key() -> str:
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # shim/, apps included
     h = _sha256()
-    for part in (sys.executable, package, __version__, str(os.getuid())):
+    for part in (sys.executable, package, __version__, str(os.getuid()), _identity_argument()):
         h.update(os.fsencode(part) + b"\0")
     for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
         h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
@@ -137,6 +137,17 @@ def installation_key() -> str:
     for line in sorted(files):
         h.update(os.fsencode(line) + b"\n")
     return h.hexdigest()
+
+
+def _identity_argument() -> str:
+    """The installed RuntimeIdentity as the zygote's JSON argument ("" when none is)."""
+    from shim.framework import app as app_module
+
+    try:
+        identity = app_module.identity()
+    except RuntimeError:
+        return ""
+    return json.dumps({name: getattr(identity, name) for name in identity.__slots__}, sort_keys=True)
 
 
 def socket_path(directory: str | None = None) -> str:
@@ -220,7 +231,7 @@ def start_zygote(path: str) -> bool:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         boot = ("import sys; sys.path.insert(0, sys.argv[3]); from shim.framework.zygote import main; "
                 "sys.exit(main(sys.argv[1:]))")
-        argv = [sys.executable, "-P", "-c", boot, path, str(lock), root, "-" * ARG_ROOM]
+        argv = [sys.executable, "-P", "-c", boot, path, str(lock), root, _identity_argument(), "-" * ARG_ROOM]
         env = {**os.environ, _PAD_VAR: "-" * ENV_ROOM}
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
@@ -247,11 +258,11 @@ def start_zygote(path: str) -> bool:
 #: What the daemon imports (at start and in its handlers), imported once by the zygote.
 PRELOAD = (
     "shim.framework.daemon",  # first: it keeps asyncio from importing ssl
-    "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource", "shim.cli",
+    "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource",
     "shim.framework.events", "shim.framework.reaper", "shim.framework.service", "shim.framework.ttrpc.server", "shim.framework.ttrpc.client",
-    "shim.api.services", "shim.runc.runtime", "shim.framework.stdio", "shim.framework.console", "shim.framework.cgroups", "shim.framework.mount",
+    "shim.api.services", "shim.framework.stdio", "shim.framework.console", "shim.framework.cgroups", "shim.framework.mount",
     "shim.framework.container",
-    "shim.framework.process", "shim.runc.options", "shim.api.containerd.events", "shim.api.containerd.task.v2",
+    "shim.framework.process", "shim.framework.app", "shim.framework.backend", "shim.api.containerd.events", "shim.api.containerd.task.v2",
     "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
     "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
     "shim.api.io.containerd.cgroups.v1", "shim.api.io.containerd.cgroups.v2",
@@ -537,7 +548,7 @@ class Zygote:
                 os.closerange(lo + 1, hi)  # the lock, the log, anything else of ours
             os.setpgid(0, 0)  # own group, as start's fork does; not a session leader
             self._signals(status)
-            from shim.cli import Flags
+            from shim.framework.flags import Flags
 
             known = set(_flag_values(Flags()))
             flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
@@ -786,6 +797,21 @@ def main(args: list[str]) -> int:
 
     t0 = time.perf_counter()
     path, lock_fd = args[0], int(args[1])
+    preload_app: tuple[str, ...] = ()
+    missing_app = ""
+    if len(args) > 3 and args[3].startswith("{"):
+        # The binary that started us: its identity (so its daemons know their App and
+        # runtime type) and its App's modules to preload.
+        from shim.framework import app as app_module
+
+        fields = json.loads(args[3])
+        app_module.install(app_module.RuntimeIdentity(fields["runtime_type"], app=fields["app"],
+                                                      binary_name=fields["binary_name"],
+                                                      default_handler=fields["default_handler"]))
+        try:
+            preload_app = tuple(app_module.current().preload)
+        except Exception as exc:  # the daemon reports it properly when it loads it
+            missing_app = f"{fields['app']}: {exc!r}"
     for sig in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     os.chdir("/")
@@ -800,7 +826,9 @@ def main(args: list[str]) -> int:
     missing = []
     # A zygote started for a gRPC-mode daemon (shim/framework/bootstrap.py) shares grpclib with its daemons too.
     grpc = ("shim.framework.grpc_server",) if os.environ.get("PYSHIM_PROTOCOL") == "grpc" else ()
-    for module in PRELOAD + grpc:
+    if missing_app:
+        missing.append(missing_app)
+    for module in PRELOAD + preload_app + grpc:
         try:
             __import__(module)
         except ImportError:

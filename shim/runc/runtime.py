@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shim.framework.reaper import PIPE, Reaper, Result
+from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -85,7 +86,7 @@ class CriuOptions:
         return args
 
 
-class RuncError(Exception):
+class RuncError(RuntimeFailure):
     """The OCI runtime exited non-zero. str() is the runtime's own message."""
 
     def __init__(
@@ -104,6 +105,27 @@ class RuncError(Exception):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class RuncNotRunning(RuncError, NotRunning):
+    """`kill` of a process that has already exited."""
+
+
+class RuncNoSuchContainer(RuncError, NoSuchContainer):
+    """The runtime has no such container."""
+
+
+def classify(err: RuncError) -> RuncError:
+    """The framework's failure kind of a runc (or crun) error, read from its message: the
+    only place runc's wording is matched."""
+    text = str(err)
+    if "container not running" in text or "no such process" in text.lower() or "process already finished" in text:
+        kind = RuncNotRunning
+    elif "does not exist" in text:
+        kind = RuncNoSuchContainer
+    else:
+        return err
+    return kind(err.message, command=err.command, argv=err.argv, returncode=err.returncode, stderr=err.stderr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +241,13 @@ class Runc:
         namespace: str | None = None,
         log_path: str | None = None,
         systemd_cgroup: bool = False,
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
     ):
         self.reaper = reaper
+        #: create/restore flags from the runtime options (NoPivotRoot, NoNewKeyring).
+        self.no_pivot = no_pivot
+        self.no_new_keyring = no_new_keyring
         self.binary = binary or "runc"
         root = root or DEFAULT_ROOT
         self.root = os.path.join(root, namespace) if namespace else root
@@ -397,7 +424,7 @@ class Runc:
         """
         args = self.create_args(
             id, bundle, pid_file=pid_file, console_socket=console_socket,
-            no_pivot=no_pivot, no_new_keyring=no_new_keyring,
+            no_pivot=no_pivot or self.no_pivot, no_new_keyring=no_new_keyring or self.no_new_keyring,
         )
         await self._run(*args, stdin=stdin, stdout=stdout, stderr=stderr, capture=False)
 
@@ -411,11 +438,17 @@ class Runc:
 
     async def kill(self, id: str, signal: int, all: bool = False) -> None:
         args = ["kill"] + (["--all"] if all else []) + [id, str(int(signal))]
-        await self._run(*args)
+        try:
+            await self._run(*args)
+        except RuncError as exc:
+            raise classify(exc) from None
 
     async def delete(self, id: str, force: bool = False) -> None:
         args = ["delete"] + (["--force"] if force else []) + [id]
-        await self._run(*args)
+        try:
+            await self._run(*args)
+        except RuncError as exc:
+            raise classify(exc) from None
 
     async def ps(self, id: str) -> list[int]:
         """Pids of all processes in the container (host pid namespace)."""
@@ -486,7 +519,7 @@ class Runc:
         """`runc restore --detach`: the restored init runs (pid in `pid_file`) when this returns."""
         args = self.restore_args(
             id, bundle, criu, pid_file=pid_file, console_socket=console_socket,
-            no_pivot=no_pivot, no_subreaper=no_subreaper, detach=detach,
+            no_pivot=no_pivot or self.no_pivot, no_subreaper=no_subreaper, detach=detach,
         )
         await self._run(*args, stdin=stdin, stdout=stdout, stderr=stderr, capture=False)
 

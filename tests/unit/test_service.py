@@ -4,7 +4,7 @@ The service is driven directly (no ttrpc) with:
 
 * the real `Reaper`, with this pytest process as child subreaper for the duration of a test;
 * a fake OCI runtime (`FakeRuntime`, same methods as `shim.runc.runtime.Runc`, injected through
-  `TaskService(runtime_factory=...)`). Like runc it starts every container process through a
+  `TaskService(app=FakeApp(...))`). Like runc it starts every container process through a
   short-lived launcher (`sh`), so the process is re-parented to us and its exit reaches the
   service through a reaper subscription, exactly like a container's. `create` leaves the
   process blocked on a pipe until `start` (runc's exec fifo), writes the pid file and returns;
@@ -37,7 +37,8 @@ from shim.api.containerd.v1.types import Status
 from shim.api.google.protobuf import Any
 from shim.framework.process import NOT_EXITED
 from shim.framework.reaper import Exit, Reaper, set_child_subreaper
-from shim.runc.runtime import RuncError
+from shim.runc.app import RuncApp
+from shim.runc.runtime import RuncError, classify
 from shim.framework.service import TaskService
 from shim.framework.ttrpc.status import Code, TtrpcError
 
@@ -252,18 +253,18 @@ class FakeRuntime:
     async def kill(self, id, signal, all=False) -> None:
         self.calls.append(("kill", id, int(signal), all))
         if self.status == "absent":
-            raise RuncError(f"container {id} does not exist", command="kill")
+            raise classify(RuncError(f"container {id} does not exist", command="kill"))
         if all and self.h.fail_kill_all:
             raise RuncError("kill --all failed (test)", command="kill")
         if self.status == "stopped" and not all:
-            raise RuncError("container not running", command="kill")
+            raise classify(RuncError("container not running", command="kill"))
         for held in (self.processes() if all else [self.init]):
             self.h.signal(held.pid, signal)
 
     async def delete(self, id, force=False) -> None:
         self.calls.append(("delete", id, force))
         if self.status == "absent":
-            raise RuncError(f"container {id} does not exist", command="delete")
+            raise classify(RuncError(f"container {id} does not exist", command="delete"))
         if self.status in ("running", "paused") and not force:
             raise RuncError(f"cannot delete container {id} that is not stopped: {self.status}", command="delete")
         victims = [p.pid for p in self.processes() if p.pid not in self.h.seen]
@@ -296,6 +297,19 @@ class FakeRuntime:
     def close(self) -> None:
         for p in self.processes():
             p.close()
+
+
+class FakeApp(RuncApp):
+    """The runc app with FakeRuntime as its OCI runtime."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.harness = harness
+
+    def runtime(self, options, *, namespace, bundle, reaper):
+        return self.harness.runtime_factory(reaper=reaper, binary=options.runtime_binary,
+                                            root=options.runtime_root(namespace),
+                                            log_path=os.path.join(bundle, "log.json"),
+                                            systemd_cgroup=options.systemd_cgroup)
 
 
 @dataclass
@@ -414,7 +428,7 @@ async def h(tmp_path):
     def on_shutdown() -> None:
         harness.shutdowns += 1
 
-    service = TaskService(NAMESPACE, recorder, reaper, on_shutdown, runtime_factory=harness.runtime_factory)
+    service = TaskService(NAMESPACE, recorder, reaper, on_shutdown, app=FakeApp(harness))
     harness.service = recorder.service = service
     original_on_exit = service.on_exit
 
@@ -1159,7 +1173,7 @@ def ch(h):
         h.all_runtimes.append(runtime)
         return runtime
 
-    h.service._runtime_factory = factory
+    h.runtime_factory = factory
     return h
 
 

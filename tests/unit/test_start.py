@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from shim.cli import Flags, UsageError, parse_flags
+from shim.framework.flags import Flags, UsageError, parse_flags
 from shim.framework.start import _bootstrap_params, bind_or_find, group_id, socket_address
 
 

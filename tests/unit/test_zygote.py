@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from shim.framework import zygote
-from shim.cli import Flags
+from shim.framework.flags import Flags
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="daemons join cgroups and serve like root shims")
 
@@ -31,8 +31,11 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="daemons join cgroups a
 # zygote for a daemon (or only starts a zygote), prints what it got, exits.
 HELPER = r"""
 import json, os, socket, sys
+from shim.cli import IDENTITY
 from shim.framework import zygote
-from shim.cli import Flags
+from shim.framework.app import install
+from shim.framework.flags import Flags
+install(IDENTITY)  # as the binary's entry point does: the zygote is keyed by it
 args = json.loads(sys.argv[1])
 if args.get("start_only"):
     print(json.dumps({"started": zygote.start_zygote(zygote.socket_path(args["dir"]))}))
