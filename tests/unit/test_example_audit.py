@@ -265,7 +265,7 @@ async def test_through_the_shim_with_concurrent_execs(h, tmp_path):
 
 
 async def test_through_the_shim_required_refuses_create(h, tmp_path):
-    from shim.ttrpc.status import Code
+    from shim.framework.ttrpc.status import Code
     from test_service import expect_error
 
     path = tmp_path / "nowhere" / "audit.jsonl"
