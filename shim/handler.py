@@ -45,7 +45,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ContainerInfo", "ExitInfo", "Handler", "ProcessInfo", "Refused"]
+__all__ = ["ContainerInfo", "ExitInfo", "Handler", "ProcessInfo", "Refused", "run"]
 
 
 class Refused(Exception):
@@ -142,3 +142,32 @@ class Handler:
 
     async def deleted(self, container: ContainerInfo) -> None:
         """After /tasks/delete: the container is gone from the runtime and its rootfs unmounted."""
+
+    def runtime(self, container: ContainerInfo, default):
+        """The OCI runtime backend that runs this container (shim.framework.backend), chosen
+        right after `create`: `default` is the one the runtime options give (runc, or the
+        BinaryName binary). Return another to swap it, e.g. `Crun.replacing(default)`
+        (shim.runc.crun). Called once per container; must not block."""
+        return default
+
+
+def run(handler: str, runtime_type: str, *, binary_name: str = "", argv: list[str] | None = None) -> int:
+    """The whole main() of a handler's own shim binary (Go's shim.Run): the runc application
+    with `handler` ("module:Class") for every container whose options name no other::
+
+        # mypolicy/shim.py, installed as the console script containerd-shim-mypolicy-v2
+        from shim.handler import run
+
+        def main() -> int:
+            return run("mypolicy:Policy", runtime_type="io.containerd.mypolicy.v2")
+
+    containerd finds the binary from the runtime type (io.containerd.mypolicy.v2 ->
+    containerd-shim-mypolicy-v2 on its PATH); its daemons, zygote and group annotation
+    (io.containerd.mypolicy.v2.group) are its own.
+    """
+    from shim.framework.app import RuntimeIdentity
+    from shim.framework.main import run as run_shim
+
+    identity = RuntimeIdentity(runtime_type, app="shim.runc.app:RuncApp", binary_name=binary_name,
+                               default_handler=handler)
+    return run_shim(identity, argv)

@@ -63,6 +63,10 @@ class App:
         """The OCI runtime backend (shim.framework.backend.OciRuntime) for one container."""
         raise NotImplementedError
 
+    def runtime_chosen(self, bundle: str, runtime) -> None:
+        """The backend that will run the container in `bundle` (a handler may have swapped
+        the one `runtime()` built): note what `cleanup` will need to find it again."""
+
     def restore_options(self, container, checkpoint: str, parent_checkpoint: str):
         """What `runtime.restore` gets for a Create from a checkpoint image."""
         raise NotImplementedError

@@ -315,6 +315,15 @@ class TaskService:
                 raise TtrpcError(Code.UNKNOWN, f"failed to mount rootfs component: {exc}") from None
             mounted = True
         runtime = self.app.runtime(options, namespace=self.namespace, bundle=bundle, reaper=self.reaper)
+        if handler is not None:
+            try:
+                runtime = handler.handler.runtime(handler.container, runtime)
+            except Exception as exc:
+                if mounted:
+                    unmount_all(rootfs)
+                log.error("%s: handler %s.runtime failed", req.id, handler.name, exc_info=True)
+                raise TtrpcError(Code.UNKNOWN, f"handler {handler.name}.runtime failed: {exc!r}") from None
+            self.app.runtime_chosen(bundle, runtime)
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         init = InitProcess(req.id, bundle, stdio)
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)

@@ -29,6 +29,14 @@ class RuncApp(App):
                     log_path=os.path.join(bundle, "log.json"), systemd_cgroup=options.systemd_cgroup,
                     no_pivot=options.no_pivot_root, no_new_keyring=options.no_new_keyring)
 
+    def runtime_chosen(self, bundle: str, runtime) -> None:
+        # `delete` without a daemon runs this binary (crun swapped in by a handler, say)
+        binary = getattr(runtime, "binary", "")
+        if binary:
+            from shim.runc.options import write_atomic
+
+            write_atomic(os.path.join(bundle, "runtime"), binary)
+
     def restore_options(self, container, checkpoint: str, parent_checkpoint: str):
         from shim.runc.checkpoint import restore_options
 

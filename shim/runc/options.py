@@ -129,8 +129,8 @@ class RuntimeOptions:
     def write(self, bundle: str) -> None:
         """options.json and runtime, read back by `delete` when the daemon is gone."""
         data = {k: v for k, v in ((n, getattr(self, n)) for n in FIELDS) if v}
-        _write_atomic(os.path.join(bundle, "options.json"), json.dumps(data))
-        _write_atomic(os.path.join(bundle, "runtime"), self.binary_name)
+        write_atomic(os.path.join(bundle, "options.json"), json.dumps(data))
+        write_atomic(os.path.join(bundle, "runtime"), self.binary_name)
 
     @classmethod
     def read(cls, bundle: str) -> RuntimeOptions:
@@ -142,7 +142,7 @@ class RuntimeOptions:
         return cls(**{k: v for k, v in data.items() if k in FIELDS})
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

@@ -254,6 +254,10 @@ class Runc:
         self.log_path = log_path
         self.systemd_cgroup = systemd_cgroup
 
+    def classify(self, err: RuncError) -> RuncError:
+        """This runtime's error as the framework's failure kind (NotRunning, NoSuchContainer)."""
+        return classify(err)
+
     # -- argv --------------------------------------------------------------------------------
 
     def argv(self, *args: str) -> list[str]:
@@ -441,14 +445,14 @@ class Runc:
         try:
             await self._run(*args)
         except RuncError as exc:
-            raise classify(exc) from None
+            raise self.classify(exc) from None
 
     async def delete(self, id: str, force: bool = False) -> None:
         args = ["delete"] + (["--force"] if force else []) + [id]
         try:
             await self._run(*args)
         except RuncError as exc:
-            raise classify(exc) from None
+            raise self.classify(exc) from None
 
     async def ps(self, id: str) -> list[int]:
         """Pids of all processes in the container (host pid namespace)."""
