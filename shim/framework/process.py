@@ -138,6 +138,16 @@ class Process:
         self.state.check(operation)
         self.state = new_state
 
+    def complete(self, operation: str, started_in: type[State], new_state: type[State]) -> bool:
+        """Finish an operation that awaited the runtime: move to `new_state` only if the
+        process is still in `started_in`. An exit (or another request) may have changed the
+        state during the await, and what it set wins: a container that died while `runc
+        pause` ran is stopped, not paused. True when the transition was made."""
+        if self.state is not started_in:
+            return False
+        self.transition(operation, new_state)
+        return True
+
     def set_exited(self, status: int, timestamp_ns: int) -> None:
         """Record the exit and release waiters. Must happen before /tasks/exit is published."""
         if self._exited.is_set():

@@ -698,20 +698,23 @@ class TaskService:
     async def pause(self, req: task.PauseRequest, ctx) -> Empty:
         from shim.framework.process import Paused
         container = self._container(req.id)
-        container.init.state.check("pause")
+        init = container.init
+        started_in = init.state
+        started_in.check("pause")
         with runtime_errors("OCI runtime pause failed"):
             await container.runtime.pause(container.id)
-        container.init.state = Paused
+        init.complete("pause", started_in, Paused)
         self.publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
         return Empty()
 
     async def resume(self, req: task.ResumeRequest, ctx) -> Empty:
         container = self._container(req.id)
-        container.init.state.check("resume")
+        init = container.init
+        started_in = init.state
+        started_in.check("resume")
         with runtime_errors("OCI runtime resume failed"):
             await container.runtime.resume(container.id)
-        if not container.init.has_exited:
-            container.init.state = Running
+        init.complete("resume", started_in, Running)
         self.publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
         return Empty()
 

@@ -286,6 +286,9 @@ class FakeRuntime:
             self.h.signal(p.pid, signal.SIGSTOP)
         self.status = "paused"
 
+        if self.h.on_pause is not None:
+            await self.h.on_pause(id, self.init.pid)
+
     async def resume(self, id) -> None:
         self.calls.append(("resume", id))
         if self.status != "paused":
@@ -330,6 +333,7 @@ class Harness:
     on_create: object = None
     on_start: object = None
     on_exec: object = None
+    on_pause: object = None
     _seen_waiters: dict[int, list[asyncio.Future]] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -676,6 +680,25 @@ def test_align_terminal_rewrites_config_only_when_it_differs(tmp_path, in_spec, 
     assert bool(spec["process"].get("terminal")) is requested and spec["ociVersion"] == "1.0.2"
     assert (config.stat().st_ino == before) is (bool(in_spec) == requested)
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+async def test_exit_during_pause_leaves_the_task_stopped_not_paused(h):
+    # `runc pause` succeeds, then init dies (killed by someone else) before the shim has
+    # seen pause return: the exit's Stopped must win over the Paused that pause would set.
+    await h.create("c1", "sleep", "30")
+    await h.start("c1")
+
+    async def on_pause(cid, pid):
+        os.kill(pid, signal.SIGCONT)  # the fake froze it; let the SIGKILL act at once
+        os.kill(pid, signal.SIGKILL)
+        await h.exited("c1")  # the exit is handled while pause is still "running"
+
+    h.on_pause = on_pause
+    await h.service.pause(task.PauseRequest(id="c1"), None)
+    state = await h.state("c1")
+    assert (state.status, state.exit_status) == (Status.STOPPED, 137)
+    await expect_error(h.service.resume(task.ResumeRequest(id="c1"), None), Code.UNKNOWN,
+                       "cannot resume a stopped container")
 
 
 async def test_exec_start_refused_once_init_exit_was_reaped(h):
