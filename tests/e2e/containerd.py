@@ -114,7 +114,7 @@ class CtrResult:
 
 @dataclasses.dataclass(frozen=True)
 class CriConfig:
-    """Opt-in CRI plugin for a PrivateContainerd: one runtime handler and the sandbox image.
+    """Opt-in CRI plugin for a PrivateContainerd: runtime handlers and the sandbox image.
 
     The handler's `options` table goes to the shim as containerd passes it to a runtime type
     other than runc's: runtimeoptions.v1.Options with the table as TOML (inline in 1.7+, as a
@@ -126,6 +126,12 @@ class CriConfig:
     handler: str = "pyshim"
     runtime_type: str = PYSHIM_RUNTIME
     options: tuple[tuple[str, object], ...] = ()
+    #: More runtime handlers (RuntimeClasses) beside `handler`: name -> options table, e.g.
+    #: {"pyshim-policy": {"Handler": "pyshim_policy:Policy", "HandlerOptions": {...}}}. Each
+    #: is a pyshim runtime with the same defaults (BinaryName, SystemdCgroup) and its own
+    #: runc Root, PrivateContainerd.cri_runc_root_of(name). Nested tables (HandlerOptions)
+    #: become TOML tables.
+    extra_handlers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,6 +400,7 @@ class PrivateContainerd:
         extra_config: str = "",
         log_level: str = "debug",
         containerd_env: dict[str, str] | None = None,
+        shim_python_path: list[Path] | tuple[Path, ...] = (),
     ) -> None:
         self.target = TARGETS[target] if isinstance(target, str) else target
         self.runc = Path(runc) if runc else self.target.runc
@@ -427,6 +434,8 @@ class PrivateContainerd:
         self.log_level = log_level
         # extra environment for containerd itself, which its shims inherit (PYSHIM_PROTOCOL=grpc)
         self.containerd_env = dict(containerd_env or {})
+        # directories the shims import from after this checkout (custom handler modules)
+        self.shim_python_path = [Path(p) for p in shim_python_path]
         self.path_env = f"{self.bin_dir}:{self.shim_bin_dir}:{SYSTEM_PATH}"
         self.proc: subprocess.Popen | None = None
         self.version = ""
@@ -535,18 +544,41 @@ class PrivateContainerd:
         ]
         if self.target.config_version < 3:
             lines.append(f"    snapshotter = {q(self.snapshotter)}")
-        handler = f"{section}.containerd.runtimes.{cri.handler}"
-        lines += [f"  [{handler}]", f"    runtime_type = {q(cri.runtime_type)}"]
-        lines.append(f"  [{handler}.options]")
+        lines += self._runtime_lines(section, cri.handler, cri.runtime_type, options)
+        for name, table in cri.extra_handlers.items():
+            extra = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(name)),
+                     "SystemdCgroup": False, **table}
+            lines += self._runtime_lines(section, name, PYSHIM_RUNTIME, extra)
+        return lines
+
+    def _runtime_lines(self, section: str, name: str, runtime_type: str,
+                       options: dict[str, object]) -> list[str]:
+        """One runtime handler's table and its options (nested tables as TOML tables)."""
+        handler = f"{section}.containerd.runtimes.{_toml_key(name)}"
+        lines = [f"  [{handler}]", f"    runtime_type = {json.dumps(runtime_type)}"]
         if self.target.id == "1.6":
             # 1.6 decodes the table into runtimeoptions.v1.Options itself: the runc options
             # can only travel in a file.
-            path = self.dir / f"cri-{cri.handler}-options.toml"
-            path.write_text("".join(f"{k} = {q(v)}\n" for k, v in options.items()))
-            lines.append(f"    ConfigPath = {q(str(path))}")
+            lines.append(f"  [{handler}.options]")
+            path = self.dir / f"cri-{name}-options.toml"
+            path.write_text("".join(f"{line}\n" for line in _toml_table(None, options, indent="")))
+            lines.append(f"    ConfigPath = {json.dumps(str(path))}")
         else:
-            lines += [f"    {k} = {q(v)}" for k, v in options.items()]
+            lines += _toml_table(f"{handler}.options", options, indent="    ", header_indent="  ")
         return lines
+
+    def cri_runc_root_of(self, handler: str) -> Path:
+        """runc's --root for a CRI runtime handler: cri_runc_root for CriConfig.handler, a
+        sibling per extra handler (so a test can tell whose containers runc holds)."""
+        if self.cri is None or handler == self.cri.handler:
+            return self.cri_runc_root
+        return self.dir / f"runc-{handler}"
+
+    @property
+    def cri_runc_roots(self) -> list[Path]:
+        """Every CRI handler's runc root (each holds one directory per namespace)."""
+        extra = self.cri.extra_handlers if self.cri is not None else {}
+        return [self.cri_runc_root, *(self.cri_runc_root_of(name) for name in extra)]
 
     def start(self, timeout: float = 30.0) -> PrivateContainerd:
         sweep_stale(self.dir.parent)
@@ -638,6 +670,14 @@ class PrivateContainerd:
         # Each private containerd's shims get their own zygote, which exits by itself once
         # close() has removed this directory (it checks that its socket is still its own).
         env.setdefault("PYSHIM_ZYGOTE_DIR", str(self.dir / "zygote"))
+        # The shim on PATH is the venv's console script, which imports `shim` from wherever
+        # the venv's project was installed (editable) from: another checkout, for a worktree
+        # sharing a venv. PYTHONPATH puts the checkout under test first; containerd passes
+        # its environment to `start`, and the zygote and daemons keep it (the zygote is keyed
+        # by the PYTHON* variables, so a different path gets its own zygote).
+        inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        paths = [str(REPO_ROOT), *map(str, self.shim_python_path), *inherited]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         if extra:
             env.update(extra)
         return env
@@ -843,8 +883,9 @@ class PrivateContainerd:
         # runc containers left in our namespaces (their shims may be gone already)
         own = self._own_namespaces()
         roots = [RUNC_ROOT / ns for ns in own]
-        if self.cri_runc_root.is_dir():
-            roots += [d for d in self.cri_runc_root.iterdir() if d.is_dir()]
+        for cri_root in self.cri_runc_roots:
+            if cri_root.is_dir():
+                roots += [d for d in cri_root.iterdir() if d.is_dir()]
         for rroot in roots:
             if rroot.is_dir():
                 for c in rroot.iterdir():
@@ -945,6 +986,36 @@ def sweep_stale(base: Path) -> list[str]:
         print(f"pyshim e2e: cleaning up stale {d} (owner pid {pid} is gone)", file=sys.stderr)
         left += c.close()
     return left
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value: JSON's strings, numbers, booleans and arrays are TOML's too; a table
+    inside an array is written inline."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml_table(header: str | None, table: dict[str, object], *, indent: str = "    ",
+                header_indent: str = "  ") -> list[str]:
+    """`[header]` (none for a document's top level), its plain keys, then each nested table as
+    `[header.key]`: TOML wants a table's own keys before its sub-tables."""
+    lines = [f"{header_indent}[{header}]"] if header is not None else []
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines += [f"{indent}{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if k not in nested]
+    for key, sub in nested.items():
+        name = f"{header}.{_toml_key(key)}" if header is not None else _toml_key(key)
+        lines += _toml_table(name, sub, indent=indent, header_indent=header_indent)
+    return lines
 
 
 def _flag(cmd: list[str], name: str) -> str | None:

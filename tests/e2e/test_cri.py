@@ -107,9 +107,9 @@ def _container_config(name: str, *command: str, memory: int = 0) -> cri_v1.Conta
     )
 
 
-async def _run_pod(client: CriClient, config: cri_v1.PodSandboxConfig) -> str:
+async def _run_pod(client: CriClient, config: cri_v1.PodSandboxConfig, handler: str = HANDLER) -> str:
     reply = await client.runtime("RunPodSandbox",
-                                 cri_v1.RunPodSandboxRequest(config=config, runtime_handler=HANDLER))
+                                 cri_v1.RunPodSandboxRequest(config=config, runtime_handler=handler))
     return reply.pod_sandbox_id
 
 
@@ -141,12 +141,13 @@ async def _remove_pod(client: CriClient, pod: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _pod(client: CriClient, c: PrivateContainerd, name: str):
-    """A running pod sandbox (id, config), stopped and removed afterwards. When the body
-    fails, containerd's log (with the shim's lines) is printed and the removal is best effort:
-    the body's error is the one to see."""
-    config = _pod_config(c, name)
-    pod = await _run_pod(client, config)
+async def _pod(client: CriClient, c: PrivateContainerd, name: str, handler: str = HANDLER,
+               config: cri_v1.PodSandboxConfig | None = None):
+    """A running pod sandbox (id, config) of a runtime handler, stopped and removed
+    afterwards. When the body fails, containerd's log (with the shim's lines) is printed and
+    the removal is best effort: the body's error is the one to see."""
+    config = config or _pod_config(c, name)
+    pod = await _run_pod(client, config, handler)
     try:
         yield pod, config
     except BaseException:
