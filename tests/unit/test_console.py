@@ -191,6 +191,13 @@ async def test_terminal_mode_copies_both_ways_resizes_and_ends_on_eio(tmp_path, 
     signal.signal(signal.SIGPIPE, old)
 
 
+def _controlling_tty_with_default_sighup() -> None:
+    # The test runner may ignore SIGHUP (nohup), and an ignored disposition is inherited
+    # across exec: the child must die of the hangup as a container process would.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 async def test_stdin_eof_hangs_up_the_console(fifos):
     """CloseIO and the client's writer closed: the process on the pty gets SIGHUP (Go shim)."""
     old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -202,7 +209,7 @@ async def test_stdin_eof_hangs_up_the_console(fifos):
     # A session leader on the slave, as runc makes it: the hangup sends it SIGHUP.
     child = subprocess.Popen(["sh", "-c", "echo ready; exec sleep 60"], stdin=slave, stdout=slave,
                              stderr=slave, start_new_session=True,
-                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                             preexec_fn=_controlling_tty_with_default_sighup)
     os.close(slave)
     async with attach_console(io) as path:
         send_like_runc(path, [master])
