@@ -258,8 +258,21 @@ class Bench:
         self.args = args
         self.python = str(REPO / ".venv" / "bin" / "python")
         self.shim = str(REPO / ".venv" / "bin" / "containerd-shim-pyshim-v2")
+        #: --handler: pyshim's containers get a runtime options file naming that handler.
+        self.handler_config = ""
+        if getattr(args, "handler", ""):
+            path = c.dir / "bench-handler.toml"
+            path.write_text(f"Handler = {json.dumps(args.handler)}\n")
+            self.handler_config = str(path)
+
+    def with_handler(self, args: tuple[str, ...]) -> tuple[str, ...]:
+        """`ctr run` of a pyshim container with --runtime-config-path when --handler is set."""
+        if self.handler_config and args and args[0] == "run" and PYSHIM in args:
+            return ("run", "--runtime-config-path", self.handler_config, *args[1:])
+        return args
 
     def ctr(self, *args: str, timeout: float = 60, check: bool = True) -> e2e.CtrResult:
+        args = self.with_handler(args)
         r = self.c.ctr(*args, namespace=self.ns, timeout=timeout)
         if check and r.returncode != 0:
             raise BenchError(f"ctr {' '.join(args)} exited {r.returncode}\n{r}\n"
@@ -390,7 +403,7 @@ class Bench:
 
     def ctr_argv(self, *args: str) -> list[str]:
         return [str(self.c.bin_dir / "ctr"), "--address", self.c.address, "--namespace",
-                self.ns, *args]
+                self.ns, *self.with_handler(args)]
 
     def spawn_all(self, argvs: list[list[str]], timeout: float = 120) -> float:
         """Start every argv at once (stdout to /dev/null) and wait for all; wall seconds from
@@ -990,6 +1003,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "of a private, primed bytecode cache like an installed pyshim has")
     ap.add_argument("--save-log", metavar="FILE",
                     help="copy containerd's debug log (with the shims' logs) to FILE at the end")
+    ap.add_argument("--handler", default="", metavar="MODULE:CLASS",
+                    help="run pyshim's containers with this shim.handler.Handler (e.g. the no-op "
+                         "base class shim.handler:Handler), to measure what a handler costs")
     ap.add_argument("--json-only", action="store_true",
                     help="print only the JSON line (no table, no progress)")
     a = ap.parse_args(argv)
@@ -1026,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {
             "containerd": c.version, "runc": c.runc_version, "snapshotter": c.snapshotter,
             "pairs": args.pairs, "warmup": args.warmup, "idle": args.idle,
-            "repeat": args.repeat, "bytecode": bytecode,
+            "repeat": args.repeat, "bytecode": bytecode, "handler": args.handler or None,
             "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, "
                        f"Python {platform.python_version()}",
         }
@@ -1094,7 +1110,7 @@ def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
             for rt in (PYSHIM, RUNC)
         },
         "containerd": info["containerd"], "runc": info["runc"],
-        "pairs": info["pairs"], "idle": info["idle"], "bytecode": info["bytecode"],
+        "pairs": info["pairs"], "idle": info["idle"], "bytecode": info["bytecode"], "handler": info["handler"],
         "meets_ratio_target": lc["ratio"] <= TARGET_RATIO,
         "meets_private_target": mib(p["private"]) <= TARGET_PRIVATE_MIB,
     }

@@ -17,7 +17,7 @@ import asyncio
 import importlib
 import logging
 
-from shim.handler import ContainerInfo, ExitInfo, Handler, ProcessInfo, Refused
+from shim.framework.handler_api import ContainerInfo, ExitInfo, Handler, ProcessInfo, Refused
 from shim.framework.ttrpc.status import Code, TtrpcError
 
 log = logging.getLogger("shim.framework.hooks")
