@@ -29,9 +29,9 @@ Hook order, against the events containerd sees:
     Delete RPC:  OCI runtime delete, unmount -> /tasks/delete -> deleted(container)
 
 `create` and `exec` run inside their request: they may refuse, and the request waits for them
-(bounded by its deadline, or 30 s without one). The others run after their event went out,
-one at a time per container and in order (the request that caused them waits for them, at most
-30 s); they cannot change anything, and their errors are only logged. Any hook's exception other than
+(bounded by its deadline, or 30 s without one). The others are queued when their event goes
+out and run in the background, one at a time per container, in event order, each bounded at
+30 s; no request waits for them, they cannot change anything, and their errors are only logged. Any hook's exception other than
 Refused is logged with its traceback (into containerd's log) and, in `create`/`exec`, fails the
 request with a clear error; the shim keeps serving. Hooks run on the shim's event loop: await,
 never block (use `asyncio.to_thread` for blocking work).

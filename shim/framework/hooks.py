@@ -7,13 +7,16 @@ INVALID_ARGUMENT saying why.
 Running: `create` and `exec` are guarded (Refused -> PERMISSION_DENIED with exactly its
 message; any other exception -> logged with its traceback, UNKNOWN naming the hook; a hook
 still running at the request's deadline, or after HOOK_TIMEOUT without one -> DEADLINE_EXCEEDED).
-The notification hooks (started, exited, oom, deleted) run after their event: failures and
-timeouts are logged, never returned.
+The notification hooks (started, exited, oom, deleted) are queued when their event goes out
+and run by one worker per container, in that order, each bounded at HOOK_TIMEOUT: failures
+and timeouts are logged, never returned, and no request waits for them (the daemon does,
+briefly, before it exits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import logging
 
@@ -52,10 +55,11 @@ class HandlerRunner:
         self.handler = handler
         self.name = name
         self.container = container
-        # Notification hooks run one at a time, in the order their events went out (an
-        # asyncio.Lock wakes its waiters first come, first served): an exec's exit that
-        # comes while its `started` hook still runs waits for it.
-        self._notifying = asyncio.Lock()
+        # Notification hooks are queued when their event goes out (synchronously, so the
+        # queue's order is the events' order) and run one at a time by one worker task.
+        # No request waits for them: a slow hook delays the next hook, never containerd.
+        self._pending: collections.deque = collections.deque()
+        self._worker: asyncio.Task | None = None
 
     async def guarded(self, hook: str, deadline: float | None, *args) -> None:
         """Run a refusable hook inside its request; errors become the request's status."""
@@ -77,10 +81,23 @@ class HandlerRunner:
             log.error("%s: handler %s.%s failed", self.container.id, self.name, hook, exc_info=True)
             raise TtrpcError(Code.UNKNOWN, f"handler {self.name}.{hook} failed: {exc!r}") from None
 
+    def post(self, hook: str, *args) -> asyncio.Task:
+        """Queue a notification hook (call it right after its event was published); returns
+        the worker task that will run it (the daemon waits for it before exiting)."""
+        self._pending.append((hook, args))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._run_pending())
+        return self._worker
+
+    async def _run_pending(self) -> None:
+        while self._pending:
+            hook, args = self._pending.popleft()
+            await self.notify(hook, *args)
+
     async def notify(self, hook: str, *args) -> None:
-        """Run a notification hook: bounded, its errors logged and swallowed."""
+        """Run a notification hook now: bounded, its errors logged and swallowed."""
         try:
-            async with self._notifying, asyncio.timeout(HOOK_TIMEOUT):
+            async with asyncio.timeout(HOOK_TIMEOUT):
                 await getattr(self.handler, hook)(self.container, *args)
         except TimeoutError:
             log.error("%s: handler %s.%s did not finish within %.0fs", self.container.id, self.name, hook, HOOK_TIMEOUT)

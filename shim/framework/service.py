@@ -41,6 +41,8 @@ log = logging.getLogger("shim.framework.service")
 #: How long an exit waits for the process's output to reach the client before it is
 #: published anyway (a background child may hold stdout open forever).
 OUTPUT_FLUSH_TIMEOUT = 2.0
+#: How long a closing daemon waits for its handlers' queued notification hooks.
+HANDLER_DRAIN_TIMEOUT = 5.0
 #: How long init's exit waits for running execs to be reaped.
 EXEC_EXIT_TIMEOUT = 10.0
 
@@ -84,6 +86,8 @@ class TaskService:
         #: The handler of containers whose options name none (a handler's own binary).
         self.default_handler = default_handler or ""
         self.containers: dict[str, Container] = {}
+        #: Handlers' notification workers still running (waited for at close).
+        self._hook_workers: set[asyncio.Task] = set()
         self._by_pid: dict[int, Process] = {}
         self._exec_start_collectors: list[list] = []
         self._pending_init_exits: dict[str, object] = {}
@@ -141,6 +145,11 @@ class TaskService:
             log.error("exit handling failed", exc_info=task_.exception())
 
     async def close(self) -> None:
+        # Handlers' queued notifications (the last container's `deleted`) run before we go.
+        if self._hook_workers:
+            _, pending = await asyncio.wait(list(self._hook_workers), timeout=HANDLER_DRAIN_TIMEOUT)
+            if pending:
+                log.warning("%d handler notification queue(s) still running at shutdown", len(pending))
         for task_ in list(self._tasks):
             task_.cancel()
         if self._tasks:
@@ -194,7 +203,7 @@ class TaskService:
             ),
         )
         if container is not None:
-            await self._notify(container, "exited", process)
+            self._notify(container, "exited", process)
 
     @staticmethod
     def _record_init_exit(init: InitProcess, exited_at_ns: int) -> None:
@@ -272,18 +281,22 @@ class TaskService:
             os.replace(tmp, config)
         return runner
 
-    async def _notify(self, container: Container, hook: str, process: Process | None) -> None:
+    def _notify(self, container: Container, hook: str, process: Process | None) -> None:
+        """Queue a notification hook of the container's handler, right after its event."""
         runner = container.handler
         if runner is None:
             return
         from shim.framework.hooks import exit_info, process_info
 
         if process is None:
-            await runner.notify(hook)
+            worker = runner.post(hook)
         elif hook == "exited":
-            await runner.notify(hook, process_info(process), exit_info(process))
+            worker = runner.post(hook, process_info(process), exit_info(process))
         else:
-            await runner.notify(hook, process_info(process))
+            worker = runner.post(hook, process_info(process))
+        if worker not in self._hook_workers:
+            self._hook_workers.add(worker)
+            worker.add_done_callback(self._hook_workers.discard)
 
     # -- Task API -------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
@@ -425,7 +438,7 @@ class TaskService:
             parked = self._parked_exits.pop(process, None)
             if parked is not None:
                 self._spawn(self._process_exit(process, parked))
-        await self._notify(container, "started", process)
+        self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def _start_restore(self, container: Container, process: InitProcess) -> task.StartResponse:
@@ -466,7 +479,7 @@ class TaskService:
                 self._spawn(self._process_exit(process, parked))
         if early is not None:
             self._spawn(self._process_exit(process, early))
-        await self._notify(container, "started", process)
+        self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def _start_exec(self, container: Container, process: ExecProcess) -> task.StartResponse:
@@ -528,7 +541,7 @@ class TaskService:
             self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
             self._starting.discard(process)
             self._exec_start_finished(container)
-        await self._notify(container, "started", process)
+        self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
     async def delete(self, req: task.DeleteRequest, ctx) -> task.DeleteResponse:
@@ -574,7 +587,7 @@ class TaskService:
                 exited_at=process.exit_time(),
             ),
         )
-        await self._notify(container, "deleted", None)
+        self._notify(container, "deleted", None)
         return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
 
     async def exec(self, req: task.ExecProcessRequest, ctx) -> Empty:
@@ -770,7 +783,7 @@ class TaskService:
         self.publisher.publish("/tasks/oom", events.TaskOom(container_id=container_id))
         container = self.containers.get(container_id)
         if container is not None and container.handler is not None:
-            self._spawn(self._notify(container, "oom", None))
+            self._notify(container, "oom", None)
 
     async def connect(self, req: task.ConnectRequest, ctx) -> task.ConnectResponse:
         container = self.containers.get(req.id)

@@ -255,6 +255,7 @@ async def test_through_the_shim_with_concurrent_execs(h, tmp_path):
     for e in ids:
         await h.delete("c1", e)
     await h.delete("c1")
+    await asyncio.wait(list(h.service._hook_workers), timeout=5)  # notifications run in the background
     got = lines(path)
     events = [(x["event"], x["exec_id"]) for x in got]
     assert events[:2] == [("create", ""), ("start", "")] and events[-2:] == [("exit", ""), ("delete", "")]

@@ -109,17 +109,20 @@ async def test_hooks_run_in_order_and_change_what_runs(h):
     await h.exited("c1")
     await h.delete("c1", "e1")
     await h.delete("c1")
-    for _ in range(50):  # the exited hook runs right after the event went out
+    for _ in range(200):  # notification hooks run after their events, in the background
         if ("deleted", "c1", None) in CALLS:
             break
         await asyncio.sleep(0.01)
-    assert CALLS == [
-        ("create", "c1", "t1"),
+    assert CALLS.index(("started", "e1", True)) > CALLS.index(("exec", "e1", ["true"]))
+    # create/exec run inside their requests; the notifications after their events, in
+    # event order, in the background (no request waits for them).
+    guarded = [c for c in CALLS if c[0] in ("create", "exec")]
+    notified = [c for c in CALLS if c[0] not in ("create", "exec")]
+    assert guarded == [("create", "c1", "t1"), ("exec", "e1", ["true"]), ("exec", "e2", ["forbidden"])]
+    assert notified == [
         ("started", "c1", True),
-        ("exec", "e1", ["true"]),
         ("started", "e1", True),
         ("exited", "e1", 0),
-        ("exec", "e2", ["forbidden"]),
         ("exited", "c1", 137),
         ("deleted", "c1", None),
     ]
@@ -152,7 +155,43 @@ async def test_a_failing_notification_hook_is_logged_only(h, caplog):
         await h.start("c1")
     finally:
         del globals()["Always"]
+    for _ in range(100):  # notification hooks run after the request, in the background
+        if "started hook bug" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
     assert "started hook bug" in caplog.text
+
+
+async def test_notifications_follow_event_order_and_never_hold_a_request(h):
+    # An OOM's /tasks/oom goes out before init's /tasks/exit; a slow `started` hook must
+    # neither delay Start nor let a later event's hook overtake it.
+    order = []
+
+    class Slow(Handler):
+        async def started(self, container, process):
+            await asyncio.sleep(0.3)
+            order.append("started")
+
+        async def oom(self, container):
+            order.append("oom")
+
+        async def exited(self, container, process, exit):
+            order.append("exited")
+
+    globals()["Slow"] = Slow
+    try:
+        await create(h, "c1", handler_options("Slow"))
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        await h.start("c1")
+        assert loop.time() - begun < 0.25, "Start waited for the started hook"
+        h.service._publish_oom("c1")  # as the cgroup's OOM notification does, before the exit
+        await h.kill("c1", signal.SIGKILL)
+        await h.exited("c1")
+        await asyncio.wait(list(h.service._hook_workers), timeout=5)
+    finally:
+        del globals()["Slow"]
+    assert order == ["started", "oom", "exited"]
 
 
 async def test_a_hanging_hook_is_bounded_by_the_request_deadline(h):
