@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import E2E, VERSION_IDS, _slug, installed_target
+from conftest import E2E, VERSION_IDS, _slug
 from containerd import REPO_ROOT, PrivateContainerd
+from importing import containerd_importing
 from test_lifecycle import PYSHIM, task_status
 from waiting import wait_until
 
@@ -30,16 +31,8 @@ EXECS = 50
 @pytest.fixture(scope="module", params=VERSION_IDS)
 def audit_containerd(request, busybox_image: Path):
     """A PrivateContainerd whose shims import this checkout's shim and pyshim_audit."""
-    c = PrivateContainerd(installed_target(request.param),
-                          containerd_env={"PYTHONPATH": f"{REPO_ROOT}:{EXAMPLE_DIR}"})
-    c.image_archive = busybox_image
-    try:
-        c.start()
+    with containerd_importing(request.param, busybox_image, EXAMPLE_DIR) as c:
         yield c
-    finally:
-        log_tail = c.log_tail(40)
-        leftovers = c.close()
-        assert not leftovers, f"left behind: {leftovers}\n{log_tail}"
 
 
 @pytest.fixture
