@@ -382,8 +382,8 @@ class PrivateContainerd:
       dir            the temp dir holding all of it; log_path: containerd's debug log
       snapshotter    "overlayfs" (or "native" where overlay can't be used)
       path_env       the PATH containerd (and so its shims) run with: private bin dir with
-                     containerd/ctr/containerd-shim-runc-v2/runc first, then the venv's bin
-                     (containerd-shim-pyshim-v2), then the system's
+                     containerd/ctr/containerd-shim-runc-v2/runc first, then `extra_path`,
+                     then the venv's bin (containerd-shim-pyshim-v2), then the system's
     """
 
     def __init__(
@@ -401,6 +401,7 @@ class PrivateContainerd:
         log_level: str = "debug",
         containerd_env: dict[str, str] | None = None,
         shim_python_path: list[Path] | tuple[Path, ...] = (),
+        extra_path: tuple[Path | str, ...] = (),
     ) -> None:
         self.target = TARGETS[target] if isinstance(target, str) else target
         self.runc = Path(runc) if runc else self.target.runc
@@ -436,7 +437,8 @@ class PrivateContainerd:
         self.containerd_env = dict(containerd_env or {})
         # directories the shims import from after this checkout (custom handler modules)
         self.shim_python_path = [Path(p) for p in shim_python_path]
-        self.path_env = f"{self.bin_dir}:{self.shim_bin_dir}:{SYSTEM_PATH}"
+        # extra_path: more shim binaries (a handler's own, containerd-shim-<name>-v2)
+        self.path_env = ":".join([str(self.bin_dir), *map(str, extra_path), str(self.shim_bin_dir), SYSTEM_PATH])
         self.proc: subprocess.Popen | None = None
         self.version = ""
         self.runc_version = ""
@@ -620,8 +622,9 @@ class PrivateContainerd:
         self.close()
         raise TimeoutError(f"containerd {self.target.id} did not answer: {last}\n{self.log_tail()}")
 
-    def pyshim_daemons(self) -> dict[int, str]:
-        """pyshim daemons serving this containerd: pid -> cwd (the bundle they were started in)."""
+    def pyshim_daemons(self, binary: str = "containerd-shim-pyshim-v2") -> dict[int, str]:
+        """pyshim daemons serving this containerd: pid -> cwd (the bundle they were started in);
+        `binary` for those of another shim binary built on pyshim."""
         found = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -631,7 +634,7 @@ class PrivateContainerd:
                 cwd = os.readlink(f"/proc/{entry}/cwd")
             except OSError:
                 continue
-            if b"containerd-shim-pyshim-v2" in cmdline and cwd.startswith(str(self.state)):
+            if os.fsencode(binary) in cmdline and cwd.startswith(str(self.state)):
                 found[int(entry)] = cwd
         return found
 
