@@ -7,6 +7,8 @@ events. The exit rules (containerd's cmd/containerd-shim-runc-v2/spec/Shim.tla) 
    until /tasks/start is out; exits of unknown pids seen while an exec is starting are
    collected and matched once `runc exec` has written the exec's pid.
 2. /tasks/start (or /tasks/exec-started) is published before that process's /tasks/exit.
+   Rules 1 and 2 are kept by one construct, `with self.exits.starting(process)` around
+   every start (shim.framework.exits, where they are spelled out and tested one by one).
 3. Init's exit waits for execs that are still starting, and for running execs to exit, so
    exec exits are published before init's.
 4. A process is marked exited (status, time, Wait released) before /tasks/exit goes out,
@@ -88,11 +90,11 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         #: Handlers' notification workers still running (waited for at close).
         self._hook_workers: set[asyncio.Task] = set()
-        self._by_pid: dict[int, Process] = {}
-        self._exec_start_collectors: list[list] = []
+        from shim.framework.exits import ExitRouter
+
+        #: Reaped exits to processes, held while a process is starting (rules 1 and 2).
+        self.exits = ExitRouter(lambda process, exit_: self._spawn(self._process_exit(process, exit_)))
         self._pending_init_exits: dict[str, object] = {}
-        self._parked_exits: dict[Process, object] = {}
-        self._starting: set[Process] = set()
         self._tasks: set[asyncio.Task] = set()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -164,17 +166,7 @@ class TaskService:
 
     # -- exits ----------------------------------------------------------------------------
     def on_exit(self, exit_) -> None:
-        process = self._by_pid.get(exit_.pid)
-        if process is None:
-            # Maybe an exec whose pid we do not know yet (rule 1); else a reparented orphan.
-            for collector in self._exec_start_collectors:
-                collector.append(exit_)
-            return
-        del self._by_pid[exit_.pid]
-        if process in self._starting:
-            self._parked_exits[process] = exit_  # rule 2: published after the start event
-            return
-        self._spawn(self._process_exit(process, exit_))
+        self.exits.on_exit(exit_)  # rules 1 and 2 (shim.framework.exits), then _process_exit
 
     async def _process_exit(self, process: Process, exit_) -> None:
         container = self.containers.get(process.container_id)
@@ -300,9 +292,7 @@ class TaskService:
 
     # -- Task API -------------------------------------------------------------------------
     async def create(self, req: task.CreateTaskRequest, ctx) -> task.CreateTaskResponse:
-        from shim.framework.console import attach_console
         from shim.framework.mount import mount_all, unmount_all
-        from shim.framework.stdio import open_process_io
 
         if not req.id:
             raise TtrpcError(Code.INVALID_ARGUMENT, "task id must not be empty")
@@ -348,11 +338,42 @@ class TaskService:
         if req.checkpoint:
             # Restore: no `runc create`; the IO is opened now and Start runs `runc restore`.
             init.restore_from(self.app.restore_options(container, req.checkpoint, req.parent_checkpoint))
-        io = None
         # Rule 1: init may die before `runc create` returns (killed, OOM); its exit is then of
-        # a pid we do not know yet, so collect it like an exec's while it starts.
-        early_exits: list = []
-        self._exec_start_collectors.append(early_exits)
+        # a pid we do not know yet, held until /tasks/create is out.
+        with self.exits.starting(init) as start:
+            try:
+                io = await self._create_init(req, options, runtime, init, stdio)
+            except BaseException:
+                if mounted:
+                    unmount_all(rootfs)
+                raise
+            init.io = io
+            self.containers[req.id] = container
+            if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
+                start.running(read_pid_file(init.pid_file))
+                self._load_cgroup(container)  # now: an OOM right after create must not be missed
+            if handler is not None:
+                handler.container.pid = init.pid
+            self.publisher.publish(
+                "/tasks/create",
+                events.TaskCreate(
+                    container_id=req.id,
+                    bundle=bundle,
+                    rootfs=[Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in req.rootfs],
+                    io=events.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
+                    checkpoint=req.checkpoint,
+                    pid=init.pid,
+                ),
+            )
+        return task.CreateTaskResponse(pid=init.pid)
+
+    async def _create_init(self, req, options, runtime, init: InitProcess, stdio: Stdio):
+        """Open init's IO and run the runtime's create (not for a restore: Start does that);
+        the IO, copying. On failure nothing is left open."""
+        from shim.framework.console import attach_console
+        from shim.framework.stdio import open_process_io
+
+        io = None
         try:
             io = await open_process_io(stdio.stdin, stdio.stdout, stdio.stderr, terminal=stdio.terminal,
                                        uid=options.io_uid, gid=options.io_gid,
@@ -363,7 +384,7 @@ class TaskService:
                     async with attach_console(io) as console_socket:  # terminal: runc sends the pty master
                         await runtime.create(
                             req.id,
-                            bundle,
+                            req.bundle,
                             pid_file=init.pid_file,
                             console_socket=console_socket,
                             stdin=stdin_fd,
@@ -372,51 +393,24 @@ class TaskService:
                         )
                 io.start_copying()
                 io.close_child_ends()
-                init.pid = read_pid_file(init.pid_file)
+                read_pid_file(init.pid_file)  # fails here, with the IO closed, if runc wrote none
         except BaseException as exc:
             if io is not None:
                 io.close()
-            if mounted:
-                unmount_all(rootfs)
-            if io is not None and not isinstance(exc, asyncio.CancelledError):
-                # A binary:// logger: containerd shuts this shim down right after a failed
-                # Create, so see it gone first (SIGTERM, then SIGKILL after 12 s, as Go does).
-                await io.wait_closed()
+                if not isinstance(exc, asyncio.CancelledError):
+                    # A binary:// logger: containerd shuts this shim down right after a failed
+                    # Create, so see it gone first (SIGTERM, then SIGKILL after 12 s, as Go does).
+                    await io.wait_closed()
             raise
-        finally:
-            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not early_exits]
-        init.io = io
-        self.containers[req.id] = container
-        if handler is not None:
-            handler.container.pid = init.pid
-        early = None
-        if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
-            self._load_cgroup(container)  # now: an OOM right after create must not be missed
-            early = next((e for e in early_exits if e.pid == init.pid), None)
-            if early is None:
-                self._by_pid[init.pid] = init
-        self.publisher.publish(
-            "/tasks/create",
-            events.TaskCreate(
-                container_id=req.id,
-                bundle=bundle,
-                rootfs=[Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in req.rootfs],
-                io=events.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
-                checkpoint=req.checkpoint,
-                pid=init.pid,
-            ),
-        )
-        if early is not None:
-            self._spawn(self._process_exit(init, early))  # after /tasks/create, as the Go shim
-        return task.CreateTaskResponse(pid=init.pid)
+        return io
 
     async def start(self, req: task.StartRequest, ctx) -> task.StartResponse:
         container = self._container(req.id)
         process = container.process(req.exec_id)
-        if process in self._starting:
+        if self.exits.is_starting(process):
             # Its Start is in flight (the Go shim serializes them, then refuses the second).
-            # Let through, it ran the runtime again and, failing, took the process off
-            # _starting early, so an exit could go out before /tasks/start (rule 2).
+            # Let through, it ran the runtime again and, failing, ended the first one's start
+            # early, so an exit could go out before /tasks/start (rule 2).
             raise TtrpcError(Code.UNKNOWN, "cannot start a running process")
         if isinstance(process, ExecProcess):
             return await self._start_exec(container, process)
@@ -425,19 +419,11 @@ class TaskService:
             return await self._start_restore(container, process)
         if container.cgroup is None:
             self._load_cgroup(container)
-        self._starting.add(process)
-        try:
-            await container.runtime.start(container.id)
-        except RuntimeFailure as exc:
-            raise TtrpcError(Code.UNKNOWN, f"OCI runtime start failed: {exc}") from None
-        else:
+        with self.exits.starting(process):  # an exit meanwhile follows /tasks/start (rule 2)
+            with runtime_errors("OCI runtime start failed"):
+                await container.runtime.start(container.id)
             process.state = Running
             self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
-        finally:
-            self._starting.discard(process)
-            parked = self._parked_exits.pop(process, None)
-            if parked is not None:
-                self._spawn(self._process_exit(process, parked))
         self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
@@ -446,12 +432,8 @@ class TaskService:
         opened at Create (a new console socket for a terminal, as the Go shim)."""
         from shim.framework.console import attach_console
 
-        # As for an exec, the pid is only known once runc wrote it: collect unknown exits.
-        collector: list = []
-        self._exec_start_collectors.append(collector)
-        self._starting.add(process)
-        early = None
-        try:
+        # As for an exec, the pid is only known once runc wrote it (rule 1).
+        with self.exits.starting(process) as start:
             io = process.io
             stdin_fd, stdout_fd, stderr_fd = io.child_fds()
             with runtime_errors("OCI runtime restore failed"):
@@ -463,22 +445,12 @@ class TaskService:
                     )
             io.start_copying()
             io.close_child_ends()
-            process.pid = read_pid_file(process.pid_file)
+            pid = read_pid_file(process.pid_file)
             process.restore = None
             process.state = Running
-            early = next((e for e in collector if e.pid == process.pid), None)
-            if early is None:
-                self._by_pid[process.pid] = process
+            start.running(pid)
             self._load_cgroup(container)
             self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
-        finally:
-            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
-            self._starting.discard(process)
-            parked = self._parked_exits.pop(process, None)
-            if parked is not None:
-                self._spawn(self._process_exit(process, parked))
-        if early is not None:
-            self._spawn(self._process_exit(process, early))
         self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
@@ -487,16 +459,13 @@ class TaskService:
         from shim.framework.stdio import open_process_io
 
         init = container.init
-        # Rule 3: refused from the moment init's exit is reaped (it leaves _by_pid then), not only
+        # Rule 3: refused from the moment init's exit is reaped (it is no longer watched), not only
         # once it is published: an exec started in between would not be waited for.
-        if init.has_exited or init.state in (Stopped, Deleted) or self._by_pid.get(init.pid) is not init:
+        if init.has_exited or init.state in (Stopped, Deleted) or not self.exits.is_watched(init):
             raise TtrpcError(Code.FAILED_PRECONDITION, f"container {container.id} init process is not running: failed precondition")
         process.state.check("start")
-        collector: list = []
-        self._exec_start_collectors.append(collector)
-        container.starting_execs += 1
-        self._starting.add(process)
-        try:
+        container.starting_execs += 1  # init's exit waits for this start to end (rule 3)
+        with self.exits.starting(process, finished=lambda: self._exec_start_finished(container)) as start:
             io = await open_process_io(
                 process.stdio.stdin, process.stdio.stdout, process.stdio.stderr, terminal=process.stdio.terminal,
                 uid=container.options.io_uid, gid=container.options.io_gid,
@@ -516,7 +485,7 @@ class TaskService:
                     )
                 io.start_copying()
                 io.close_child_ends()
-                process.pid = read_pid_file(process.pid_file)
+                pid = read_pid_file(process.pid_file)
             except RuntimeFailure as exc:
                 process.io = None
                 io.close()
@@ -526,21 +495,11 @@ class TaskService:
                 io.close()
                 raise
             process.state = Running
-            early = next((e for e in collector if e.pid == process.pid), None)
-            if early is None:
-                self._by_pid[process.pid] = process
+            start.running(pid)
             self.publisher.publish(
                 "/tasks/exec-started",
                 events.TaskExecStarted(container_id=container.id, exec_id=process.id, pid=process.pid),
             )
-            if early is not None:
-                self._spawn(self._process_exit(process, early))
-        finally:
-            # By identity: list.remove compares with ==, and two starting execs' empty
-            # collectors are equal, so it could drop the other exec's (its early exit lost).
-            self._exec_start_collectors = [c for c in self._exec_start_collectors if c is not collector]
-            self._starting.discard(process)
-            self._exec_start_finished(container)
         self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
 
@@ -575,8 +534,7 @@ class TaskService:
             container.rootfs_mounted = False
         process.state = Deleted
         for gone in container.all_processes():  # execs that never exited go with the container
-            if self._by_pid.get(gone.pid) is gone:
-                del self._by_pid[gone.pid]
+            self.exits.forget(gone)
         del self.containers[container.id]
         self.publisher.publish(
             "/tasks/delete",
