@@ -53,3 +53,42 @@ class Container:
     def work_dir(self) -> str:
         """containerd's per-task state directory, linked into the bundle as `work`."""
         return os.path.join(self.bundle, "work")
+
+
+class ContainerRegistry:
+    """The daemon's containers, keyed by (namespace, id): one daemon may serve a whole group,
+    and containers of one id may exist in two namespaces. A plain id means the daemon's own
+    namespace (the one containerd started it for), which is what every Task API request
+    addresses today."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._by_key: dict[tuple[str, str], Container] = {}
+
+    def _key(self, key) -> tuple[str, str]:
+        return key if isinstance(key, tuple) else (self.namespace, key)
+
+    def get(self, key, default=None) -> Container | None:
+        """The container of `id` (daemon's namespace) or of `(namespace, id)`."""
+        return self._by_key.get(self._key(key), default)
+
+    def add(self, container: Container) -> None:
+        self._by_key[(container.namespace, container.id)] = container
+
+    def remove(self, container: Container) -> None:
+        self._by_key.pop((container.namespace, container.id), None)
+
+    def __getitem__(self, key) -> Container:
+        return self._by_key[self._key(key)]
+
+    def __contains__(self, key) -> bool:
+        return self._key(key) in self._by_key
+
+    def __iter__(self):
+        return iter(list(self._by_key.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def keys(self) -> list[tuple[str, str]]:
+        return list(self._by_key)

@@ -16,6 +16,8 @@ sys.modules.setdefault("ssl", None)
 
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+
+from shim.framework.logcontext import TASK_ID  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -38,7 +40,8 @@ class FifoLogHandler(logging.Handler):
         self._fd = -1
         from shim.framework.app import identity
 
-        self._prefix = f"namespace={namespace} runtime={identity().runtime_type} id={task_id}"
+        self._prefix = f"namespace={namespace} runtime={identity().runtime_type} id="
+        self._task_id = task_id
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -52,7 +55,8 @@ class FifoLogHandler(logging.Handler):
             message = record.getMessage().replace('"', '\\"')
             if record.exc_info:
                 message += " " + self.formatException(record.exc_info).replace("\n", " | ")
-            line = f'time="{stamp}Z" level={record.levelname.lower()} msg="{message}" {self._prefix}\n'
+            task_id = TASK_ID.get() or self._task_id  # the container this line is about
+            line = f'time="{stamp}Z" level={record.levelname.lower()} msg="{message}" {self._prefix}{task_id}\n'
             os.write(self._fd, line.encode(errors="replace"))
         except Exception:
             pass  # logs are best effort: never let them hurt the shim

@@ -90,6 +90,9 @@ class HandlerRunner:
         return self._worker
 
     async def _run_pending(self) -> None:
+        from shim.framework.logcontext import TASK_ID
+
+        TASK_ID.set(self.container.id)
         while self._pending:
             hook, args = self._pending.popleft()
             await self.notify(hook, *args)

@@ -33,7 +33,7 @@ from shim.api.containerd import events
 from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
-from shim.framework.container import Container
+from shim.framework.container import Container, ContainerRegistry
 from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
 from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
 from shim.framework.ttrpc.status import Code, TtrpcError
@@ -87,7 +87,8 @@ class TaskService:
         self.app = app
         #: The handler of containers whose options name none (a handler's own binary).
         self.default_handler = default_handler or ""
-        self.containers: dict[str, Container] = {}
+        #: The containers this daemon serves, by (namespace, id).
+        self.containers = ContainerRegistry(namespace)
         #: Handlers' notification workers still running (waited for at close).
         self._hook_workers: set[asyncio.Task] = set()
         from shim.framework.exits import ExitRouter
@@ -123,7 +124,7 @@ class TaskService:
         }
         methods = {}
         for name, (request_type, _response_type) in table.items():
-            methods[name] = (request_type, handlers.get(name) or _unimplemented(name))
+            methods[name] = (request_type, _for_its_task(handlers.get(name) or _unimplemented(name)))
         return methods
 
     def register(self, server) -> None:
@@ -169,6 +170,9 @@ class TaskService:
         self.exits.on_exit(exit_)  # rules 1 and 2 (shim.framework.exits), then _process_exit
 
     async def _process_exit(self, process: Process, exit_) -> None:
+        from shim.framework.logcontext import TASK_ID
+
+        TASK_ID.set(process.container_id)  # a task of its own: its log lines name the container
         container = self.containers.get(process.container_id)
         if container is not None and process is container.init:
             if container.starting_execs:
@@ -348,7 +352,7 @@ class TaskService:
                     unmount_all(rootfs)
                 raise
             init.io = io
-            self.containers[req.id] = container
+            self.containers.add(container)
             if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
                 start.running(read_pid_file(init.pid_file))
                 self._load_cgroup(container)  # now: an OOM right after create must not be missed
@@ -422,7 +426,7 @@ class TaskService:
         with self.exits.starting(process):  # an exit meanwhile follows /tasks/start (rule 2)
             with runtime_errors("OCI runtime start failed"):
                 await container.runtime.start(container.id)
-            process.state = Running
+            process.transition("start", Running)  # its exit, if any, is parked until after the event
             self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
         self._notify(container, "started", process)
         return task.StartResponse(pid=process.pid)
@@ -447,7 +451,7 @@ class TaskService:
             io.close_child_ends()
             pid = read_pid_file(process.pid_file)
             process.restore = None
-            process.state = Running
+            process.transition("start", Running)
             start.running(pid)
             self._load_cgroup(container)
             self.publisher.publish("/tasks/start", events.TaskStart(container_id=container.id, pid=process.pid))
@@ -494,7 +498,7 @@ class TaskService:
                 process.io = None
                 io.close()
                 raise
-            process.state = Running
+            process.transition("start", Running)
             start.running(pid)
             self.publisher.publish(
                 "/tasks/exec-started",
@@ -532,10 +536,10 @@ class TaskService:
         if container.rootfs_mounted:
             unmount_all(container.rootfs)
             container.rootfs_mounted = False
-        process.state = Deleted
+        process.transition("delete", Deleted)
         for gone in container.all_processes():  # execs that never exited go with the container
             self.exits.forget(gone)
-        del self.containers[container.id]
+        self.containers.remove(container)
         self.publisher.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -753,6 +757,17 @@ class TaskService:
         if not self.containers:
             asyncio.get_running_loop().call_soon(self._on_shutdown)
         return Empty()
+
+
+def _for_its_task(handler):
+    """A Task API handler whose log lines name the request's container (requests carry `id`)."""
+    from shim.framework.logcontext import TASK_ID
+
+    async def for_its_task(request, ctx):
+        TASK_ID.set(getattr(request, "id", "") or "")  # this request's own asyncio task
+        return await handler(request, ctx)
+
+    return for_its_task
 
 
 def _unimplemented(name: str):

@@ -347,7 +347,7 @@ def make_service(tmp_path, runtime=None):
     svc = TaskService("ns", RecordingPublisher(), reaper=None, on_shutdown=lambda: None)
     init = InitProcess("c1", str(tmp_path), Stdio())
     init.pid = 4242
-    svc.containers["c1"] = Container("c1", str(tmp_path), "ns", RuntimeOptions(), runtime or UpdateRuntime(), init)
+    svc.containers.add(Container("c1", str(tmp_path), "ns", RuntimeOptions(), runtime or UpdateRuntime(), init))
     return svc, svc.containers["c1"]
 
 

@@ -890,7 +890,7 @@ async def test_plain_lifecycle_events(h):
         "c1", created.pid, 7, exit_.exited_at)
     assert (waited.exit_status, waited.exited_at) == (7, exit_.exited_at)
     assert (deleted.pid, deleted.exit_status, deleted.exited_at) == (created.pid, 7, exit_.exited_at)
-    assert h.service.containers == {}
+    assert h.service.containers.keys() == []
 
 
 async def test_exec_lifecycle_events_and_delete(h):
@@ -926,7 +926,7 @@ async def test_delete_of_a_created_container(h):
     await settle()
     labels = h.recorder.labels()
     assert labels[0] == ("create", "c1") and labels[-1] == ("delete", "c1")
-    assert h.service.containers == {}
+    assert h.service.containers.keys() == []
 
 
 async def test_create_failure_leaves_nothing(h):
@@ -934,7 +934,7 @@ async def test_create_failure_leaves_nothing(h):
         await h.create("c1", "true", fake={"create_error": "exec: \"nosuch\": executable file not found"})
     assert err.value.code == Code.UNKNOWN
     assert err.value.message == 'OCI runtime create failed: exec: "nosuch": executable file not found'
-    assert h.service.containers == {} and h.recorder.records == []
+    assert h.service.containers.keys() == [] and h.recorder.records == []
     with pytest.raises(TtrpcError) as err:
         await h.state("c1")
     assert err.value.code == Code.NOT_FOUND
@@ -1433,14 +1433,14 @@ async def test_failed_restore_leaves_a_created_task_that_deletes_cleanly(ch):
     await expect_error(ch.kill("c1", signal.SIGKILL), Code.NOT_FOUND, "no such container: not found")
     deleted = await ch.delete("c1")
     assert deleted.pid == 0
-    assert ch.service.containers == {}
+    assert ch.service.containers.keys() == []
     assert ch.recorder.labels() == [("create", "c1"), ("delete", "c1")]
 
 
 async def test_delete_of_a_restored_task_never_started(ch):
     await create_restored(ch, "c1", "sleep", "30")
     await ch.delete("c1")
-    assert ch.service.containers == {}
+    assert ch.service.containers.keys() == []
     assert [c[0] for c in ch.all_runtimes[0].calls] == ["delete"]
 
 
