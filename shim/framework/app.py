@@ -96,6 +96,7 @@ def install(identity: RuntimeIdentity) -> None:
 
 
 def identity() -> RuntimeIdentity:
+    """This process's RuntimeIdentity (installed by the entry point)."""
     if _identity is None:
         raise RuntimeError("no shim identity installed (shim.framework.app.install)")
     return _identity

@@ -77,6 +77,7 @@ class ExitRouter:
         return self.by_pid.get(process.pid) is process
 
     def is_starting(self, process) -> bool:
+        """True while a `starting` block of this process is open."""
         return any(start.process is process for start in self._starts)
 
     def on_exit(self, exit_) -> None:

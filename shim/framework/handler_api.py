@@ -62,6 +62,7 @@ class ProcessInfo:
 
     @property
     def is_init(self) -> bool:
+        """True for the container's init process (exec_id "")."""
         return not self.exec_id
 
 

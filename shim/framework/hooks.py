@@ -117,4 +117,5 @@ def process_info(process) -> ProcessInfo:
 
 
 def exit_info(process) -> ExitInfo:
+    """The handler's view of a process's exit (after it was recorded)."""
     return ExitInfo(status=process.exit_status, exited_at=process.exit_time(), pid=process.pid)

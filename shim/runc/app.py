@@ -15,14 +15,18 @@ RUNTIME_DELETE_TIMEOUT = 3.0
 
 
 class RuncApp(App):
+    """The runc application: runc (or crun) options, backend, checkpointing and cleanup."""
+
     preload = ("shim.runc.runtime", "shim.runc.options", "shim.runc.app")
 
     def parse_options(self, any_message):
+        """containerd.runc.v1.Options or runtimeoptions.v1.Options (TOML) as RuntimeOptions."""
         from shim.runc.options import RuntimeOptions
 
         return RuntimeOptions.from_any(any_message)
 
     def runtime(self, options, *, namespace: str, bundle: str, reaper):
+        """A Runc for the options' binary, root (per namespace), cgroup driver and flags."""
         from shim.runc.runtime import Runc
 
         return Runc(reaper, binary=options.runtime_binary, root=options.runtime_root(namespace),
@@ -30,6 +34,7 @@ class RuncApp(App):
                     no_pivot=options.no_pivot_root, no_new_keyring=options.no_new_keyring)
 
     def runtime_chosen(self, bundle: str, runtime) -> None:
+        """Note the binary that runs the container in the bundle's `runtime` file."""
         # `delete` without a daemon runs this binary (crun swapped in by a handler, say)
         binary = getattr(runtime, "binary", "")
         if binary:
@@ -38,11 +43,13 @@ class RuncApp(App):
             write_atomic(os.path.join(bundle, "runtime"), binary)
 
     def restore_options(self, container, checkpoint: str, parent_checkpoint: str):
+        """CriuOptions for `runc restore` (shim.runc.checkpoint)."""
         from shim.runc.checkpoint import restore_options
 
         return restore_options(container, checkpoint, parent_checkpoint)
 
     async def checkpoint(self, container, image_path: str, options_any) -> None:
+        """`runc checkpoint` with the decoded CheckpointOptions (shim.runc.checkpoint)."""
         from shim.runc.checkpoint import checkpoint
 
         await checkpoint(container, image_path, options_any)
@@ -75,6 +82,7 @@ class RuncApp(App):
             sys.stderr.write(f"{binary} delete --force {container_id}: {exc}\n")
 
     def features(self, options_any) -> bytes | None:
+        """`<binary> features` of the binary the options name."""
         from shim.framework.info import runtime_features
         from shim.runc.options import RuntimeOptions
 

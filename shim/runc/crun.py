@@ -34,6 +34,7 @@ class Crun(Runc):
                    no_new_keyring=runc.no_new_keyring)
 
     def classify(self, err: RuncError) -> RuncError:
+        """crun's error as the framework's failure kind (its own wording first)."""
         # crun: "error opening file `<root>/<id>/status`: No such file or directory" (kill),
         # "cannot open directory '<root>/<id>': No such file or directory" (delete)
         text = str(err)
@@ -43,6 +44,7 @@ class Crun(Runc):
         return classify(err)
 
     async def update(self, id: str, resources: Mapping[str, Any]) -> None:
+        """`crun update --resources FILE` (crun reads the resources from a file, not stdin)."""
         fd, path = tempfile.mkstemp(prefix="pyshim-resources-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
