@@ -1,4 +1,4 @@
-"""The example handlers (examples/policy, examples/inject) behind containerd's CRI plugin,
+"""The example handlers (examples/policy, inject, audit, crun) behind containerd's CRI plugin,
 each as its own RuntimeClass beside the plain `pyshim` one in the same containerd:
 
   pyshim                 no handler: runs whatever it is given
@@ -7,6 +7,11 @@ each as its own RuntimeClass beside the plain `pyshim` one in the same container
                          host paths only under <dir>/data
   pyshim-policy-strict   pyshim_policy:Policy with every host namespace refused
   pyshim-inject          pyshim_inject:Inject: an env var, a CA file, an annotation
+  pyshim-audit           pyshim_audit:Audit, writing <dir>/audit.jsonl
+  pyshim-crun            pyshim_crun:UseCrun: the sandbox and containers run by crun
+
+One containerd per version serves all of them (a containerd with the CRI plugin takes a
+while to start, on a 2-core machine running other tests).
 
 The shims import the examples from the private containerd's environment (PYTHONPATH, which
 containerd passes to `start`; the zygote and the daemons it forks keep it: see
@@ -25,6 +30,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from conftest import VERSION_IDS, installed_target
@@ -42,11 +48,17 @@ from test_cri import (
     _run_pod,
     _start_container,
     _status,
+    _wait_exited,
     _wait_for_images,
     _wait_gone,
 )
+from test_example_audit import read_lines
+from test_example_crun import CRUN as CRUN_BINARY
+from test_example_crun import NEEDS_OCI_VERSION, crun_wrapper, listed_ids
+from waiting import async_wait_until
 
 POLICY, STRICT, INJECT = "pyshim-policy", "pyshim-policy-strict", "pyshim-inject"
+AUDIT, CRUN = "pyshim-audit", "pyshim-crun"
 EXAMPLES = REPO_ROOT / "examples"
 CA_DESTINATION = "/etc/ssl/certs/extra-ca.pem"
 CA_TEXT = "-----BEGIN CERTIFICATE-----\npyshim e2e\n-----END CERTIFICATE-----\n"
@@ -54,11 +66,11 @@ CA_TEXT = "-----BEGIN CERTIFICATE-----\npyshim e2e\n-----END CERTIFICATE-----\n"
 
 @pytest.fixture(scope="module", params=VERSION_IDS)
 def cri(request: pytest.FixtureRequest, busybox_image: Path):
-    """A PrivateContainerd with the CRI plugin and the four runtime handlers above."""
+    """A PrivateContainerd with the CRI plugin and the runtime handlers above."""
     target = installed_target(request.param)
     pause = build_pause_image(image_cache_dir())
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF),
-                          shim_python_path=[EXAMPLES / "policy", EXAMPLES / "inject"])
+                          shim_python_path=[EXAMPLES / name for name in ("policy", "inject", "audit", "crun")])
     c.data_dir = c.dir / "data"
     (c.data_dir / "app").mkdir(parents=True)
     ca = c.dir / "extra-ca.pem"
@@ -74,6 +86,8 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
             "env": {"PYSHIM_INJECTED": "from the node", "HTTPS_PROXY": "http://node-proxy:3128"},
             "mounts": {CA_DESTINATION: str(ca)},
             "annotations": {"example.com/injected-by": "pyshim-inject"}}},
+        AUDIT: {"Handler": "pyshim_audit:Audit", "HandlerOptions": {"path": str(_audit_path(c))}},
+        CRUN: {"Handler": "pyshim_crun:UseCrun", "HandlerOptions": _crun_options(c)},
     })
     c.cgroup_parent = f"pyshim-{c.token}-cri-pods"
     c.namespaces.append(c.cgroup_parent)
@@ -91,6 +105,20 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
     log_tail = c.log_tail(40)
     leftovers = c.close()
     assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers) + f"\n{log_tail}"
+
+
+def _crun_options(c: PrivateContainerd) -> dict[str, str]:
+    """pyshim-crun's HandlerOptions: the defaults, except what crun 1.8 on this machine needs
+    (examples/crun/README.md): `binary` a wrapper that hides the hybrid cgroup2 mount from
+    crun (and records crun's calls in <dir>/crun-calls), and the ociVersion crun 1.8 takes
+    for containerd 1.7 and 2.1's specs."""
+    wrapper = c.dir / "crun-bin" / "crun"
+    wrapper.parent.mkdir()
+    crun_wrapper(wrapper, c.dir / "crun-calls")
+    options = {"binary": str(wrapper)}
+    if c.target.id in NEEDS_OCI_VERSION:
+        options["oci_version"] = "1.1.0"
+    return options
 
 
 def _refused_id(error: GRPCError) -> str:
@@ -286,3 +314,158 @@ async def test_inject_adds_env_a_read_only_file_and_an_annotation(cri):
             cid = await _start_container(client, pod, config, _container_config("app", "sleep", "600"))
             r = await _exec(client, cid, "sh", "-c", f"env; ls {CA_DESTINATION}")
             assert b"PYSHIM_INJECTED" not in r.stdout and r.exit_code != 0, r
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+AUDIT_EXECS = 20
+
+
+def _audit_path(c: PrivateContainerd) -> Path:
+    return c.dir / "audit.jsonl"
+
+
+def _lines_written(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _check_audited_container(lines: list[dict], cid: str, cri_fields: dict[str, str], status: int,
+                             exec_statuses: list[int]) -> None:
+    """One container's (or sandbox's) lines: its init's life in order, ending in `status`;
+    one exec per status in exec_statuses (each ran `sh -c "exit <status>"`), each
+    `exec` < `exec-started` < `exit` with that status; the CRI fields on every line."""
+    mine = [line for line in lines if line["container_id"] == cid]
+    assert mine, f"no line for {cid}"
+    for line in mine:
+        assert line["namespace"] == CRI_NAMESPACE, line
+        assert {key: line.get(key) for key in ("pod_name", "pod_namespace", "container_name")} == \
+            {"container_name": None, **cri_fields}, line
+    init = [line for line in mine if line["exec_id"] == ""]
+    assert [line["event"] for line in init] == ["create", "start", "exit", "delete"], init
+    create, start, exit_, delete = init
+    assert create["pid"] == 0 and start["pid"] > 0, init
+    assert exit_["pid"] == delete["pid"] == start["pid"], init
+    assert exit_["status"] == delete["status"] == status, init
+    assert mine[-1] is delete, "delete is the container's last line"
+    positions = {id(line): n for n, line in enumerate(mine)}
+
+    by_exec: dict[str, list[dict]] = {}
+    for line in mine:
+        if line["exec_id"]:
+            by_exec.setdefault(line["exec_id"], []).append(line)
+    seen = []
+    for these in by_exec.values():
+        assert [line["event"] for line in these] == ["exec", "exec-started", "exit"], these
+        added, started, ended = these
+        assert added["args"][:2] == ["sh", "-c"] and added["pid"] == 0, added
+        expected_status = int(added["args"][2].removeprefix("exit "))
+        assert ended["status"] == expected_status, these
+        assert ended["pid"] == started["pid"] > 0, these
+        assert positions[id(start)] < positions[id(added)] and positions[id(ended)] < positions[id(exit_)], \
+            "execs run between init's start and exit"
+        seen.append(expected_status)
+    assert sorted(seen) == sorted(exec_statuses)
+    times = [line["time"] for line in mine]
+    assert times == sorted(times), "one container's hooks run one at a time, in event order"
+
+
+async def test_audit_records_a_pod_and_its_execs_and_nothing_of_a_plain_pod(cri):
+    audit = _audit_path(cri)
+    async with CriClient(cri.address) as client:
+        async with _pod(client, cri, "audited", AUDIT) as (pod, config):
+            names = ["first", "second"]
+            cids = [await _start_container(client, pod, config, _container_config(name, "sleep", "600"))
+                    for name in names]
+            # 20 ExecSyncs at once, spread over both containers (one shim serves the pod), each
+            # exiting with its own status so that its lines can be told apart.
+            statuses = [101 + i for i in range(AUDIT_EXECS)]
+            replies = await asyncio.gather(*(_exec(client, cids[i % 2], "sh", "-c", f"exit {status}")
+                                             for i, status in enumerate(statuses)))
+            assert [r.exit_code for r in replies] == statuses, replies
+            # the same handler's pod beside one of plain pyshim, which has no Audit to write
+            async with _pod(client, cri, "unaudited", HANDLER) as (plain_pod, plain_config):
+                plain = await _start_container(client, plain_pod, plain_config,
+                                               _container_config("plain", "sleep", "600"))
+                r = await _exec(client, plain, "sh", "-c", "exit 3")
+                assert r.exit_code == 3, r
+            await client.runtime("StopContainer", cri_v1.StopContainerRequest(container_id=cids[0], timeout=5))
+            assert (await _wait_exited(client, cids[0])).exit_code == 143
+            await client.runtime("RemoveContainer", cri_v1.RemoveContainerRequest(container_id=cids[0]))
+        # _pod ran StopPodSandbox (which kills the second container) and RemovePodSandbox.
+
+    # The shim runs notification hooks (start, exit, delete) after it has answered, and its
+    # daemon exits with the pod: the last lines may come a moment later.
+    expected = 4 + 4 * len(cids) + 3 * AUDIT_EXECS
+    await async_wait_until(lambda: _lines_written(audit), 30, f"{expected} audit lines",
+                           until=lambda n: n >= expected)
+    lines = read_lines(audit)
+    assert len(lines) == expected, lines
+    assert {line["container_id"] for line in lines} == {pod, *cids}, "only the audited pod's lines"
+    assert not {plain_pod, plain} & {line["container_id"] for line in lines}
+    pod_fields = {"pod_name": config.metadata.name, "pod_namespace": config.metadata.namespace}
+    assert pod_fields == {"pod_name": "audited", "pod_namespace": "e2e"}
+    # The sandbox: no container name, no exec; StopPodSandbox kills pause with SIGKILL.
+    _check_audited_container(lines, pod, pod_fields, 137, [])
+    for k, (cid, name) in enumerate(zip(cids, names)):
+        execs = [status for i, status in enumerate(statuses) if i % 2 == k]
+        # StopContainer's SIGTERM ends the first; StopPodSandbox SIGKILLs the second.
+        _check_audited_container(lines, cid, {**pod_fields, "container_name": name}, 143 if k == 0 else 137, execs)
+
+
+# -- crun -----------------------------------------------------------------------------------
+
+
+def _crun_state(c: PrivateContainerd) -> Path:
+    """Where crun keeps the state of pyshim-crun's containers: runc's Root for that handler,
+    which the shim gives crun as it would runc, with containerd's namespace appended."""
+    return c.cri_runc_root_of(CRUN) / CRI_NAMESPACE
+
+
+async def test_crun_runs_a_pod_through_cri(cri):
+    state = _crun_state(cri)
+    wrapper = cri.dir / "crun-bin" / "crun"
+    async with CriClient(cri.address) as client:
+        async with _pod(client, cri, "crun", CRUN) as (pod, config):
+            cids = [await _start_container(client, pod, config, _container_config(name, "sleep", "600"))
+                    for name in ("first", "second")]
+            ours = {pod, *cids}
+            # crun has them (and nothing else), runc does not know them, and each bundle names
+            # crun for a `delete` after a crash.
+            assert listed_ids(CRUN_BINARY, str(state)) == ours
+            assert listed_ids(str(cri.runc), str(state)) & ours == set()
+            for cid in ours:
+                assert (cri.bundle_dir(CRI_NAMESPACE, cid) / "runtime").read_text() == str(wrapper)
+
+            # a plain pyshim pod beside it is runc's
+            async with _pod(client, cri, "runc", HANDLER) as (plain_pod, plain_config):
+                plain = await _start_container(client, plain_pod, plain_config,
+                                               _container_config("plain", "sleep", "600"))
+                plain_state = str(cri.cri_runc_root_of(HANDLER) / CRI_NAMESPACE)
+                assert {plain_pod, plain} <= listed_ids(str(cri.runc), plain_state)
+                assert listed_ids(CRUN_BINARY, plain_state) & {plain_pod, plain} == set()
+
+            r = await _exec(client, cids[0], "sh", "-c", "echo out; echo err >&2; exit 7")
+            assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 7), r
+
+            stats = (await client.runtime("ContainerStats", cri_v1.ContainerStatsRequest(container_id=cids[0]))).stats
+            assert stats.attributes.id == cids[0]
+            assert stats.cpu.timestamp > 0 and stats.cpu.usage_core_nano_seconds.value > 0, stats
+            assert stats.memory.timestamp > 0 and stats.memory.working_set_bytes.value > 0, stats
+
+            await client.runtime("StopContainer", cri_v1.StopContainerRequest(container_id=cids[0], timeout=5))
+            status = await _wait_exited(client, cids[0])
+            assert (status.exit_code, status.reason) == (143, "Error"), status
+            await client.runtime("RemoveContainer", cri_v1.RemoveContainerRequest(container_id=cids[0]))
+            assert listed_ids(CRUN_BINARY, str(state)) == {pod, cids[1]}
+        listed = await client.runtime("ListContainers", cri_v1.ListContainersRequest())
+        assert not {c.id for c in listed.containers} & ours
+        with pytest.raises(GRPCError) as gone:
+            await client.runtime("PodSandboxStatus", cri_v1.PodSandboxStatusRequest(pod_sandbox_id=pod))
+        assert gone.value.status == Status.NOT_FOUND, gone.value
+    # StopPodSandbox and RemovePodSandbox (by _pod) deleted the rest with crun: its state is
+    # empty (the module's fixture checks for processes, mounts and cgroups left behind).
+    assert listed_ids(CRUN_BINARY, str(state)) == set()
+    assert sorted(os.listdir(state)) == []
