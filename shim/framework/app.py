@@ -67,6 +67,10 @@ class App:
         """The backend that will run the container in `bundle` (a handler may have swapped
         the one `runtime()` built): note what `cleanup` will need to find it again."""
 
+    def process_details(self, exec_id: str):
+        """Pids: what an exec's ProcessInfo.info says (a google.protobuf.Any), or None."""
+        return None
+
     def restore_options(self, container, checkpoint: str, parent_checkpoint: str):
         """What `runtime.restore` gets for a Create from a checkpoint image."""
         raise NotImplementedError

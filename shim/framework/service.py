@@ -633,7 +633,6 @@ class TaskService:
         return task.WaitResponse(exit_status=status, exited_at=exited_at)
 
     async def pids(self, req: task.PidsRequest, ctx) -> task.PidsResponse:
-        from shim.api.containerd.runc.v1 import ProcessDetails
         from shim.api.containerd.v1.types import ProcessInfo
         container = self._container(req.id)
         if container.init.has_exited:
@@ -649,7 +648,7 @@ class TaskService:
         for pid in pids:
             info = None
             if pid in exec_of:
-                info = Any(type_url="containerd.runc.v1.ProcessDetails", value=bytes(ProcessDetails(exec_id=exec_of[pid])))
+                info = self.app.process_details(exec_of[pid])
             processes.append(ProcessInfo(pid=pid, info=info))
         return task.PidsResponse(processes=processes)
 

@@ -42,6 +42,13 @@ class RuncApp(App):
 
             write_atomic(os.path.join(bundle, "runtime"), binary)
 
+    def process_details(self, exec_id: str):
+        """containerd.runc.v1.ProcessDetails naming the exec, as runc-v2 answers Pids."""
+        from shim.api.containerd.runc.v1 import ProcessDetails
+        from shim.api.google.protobuf import Any
+
+        return Any(type_url="containerd.runc.v1.ProcessDetails", value=bytes(ProcessDetails(exec_id=exec_id)))
+
     def restore_options(self, container, checkpoint: str, parent_checkpoint: str):
         """CriuOptions for `runc restore` (shim.runc.checkpoint)."""
         from shim.runc.checkpoint import restore_options
