@@ -34,6 +34,7 @@ from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
 from shim.framework.container import Container, ContainerRegistry
+from shim.framework.exits import ExitRouter
 from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
 from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
 from shim.framework.ttrpc.status import Code, TtrpcError
@@ -91,8 +92,6 @@ class TaskService:
         self.containers = ContainerRegistry(namespace)
         #: Handlers' notification workers still running (waited for at close).
         self._hook_workers: set[asyncio.Task] = set()
-        from shim.framework.exits import ExitRouter
-
         #: Reaped exits to processes, held while a process is starting (rules 1 and 2).
         self.exits = ExitRouter(lambda process, exit_: self._spawn(self._process_exit(process, exit_)))
         self._pending_init_exits: dict[str, object] = {}
@@ -247,8 +246,9 @@ class TaskService:
     # -- handler hooks (shim.handler) -----------------------------------------------------
     async def _run_create_hook(self, req: task.CreateTaskRequest, options, handler_spec: str, deadline):
         """Load the container's handler and run its `create` hook on the bundle's spec; what
-        the hook changed is written back to config.json before the OCI runtime reads it.
-        Runs before anything is mounted or started, so a refusal leaves nothing behind."""
+        the hook changed, and the request's terminal flag (align_terminal), are written back
+        to config.json once, before the OCI runtime reads it. Runs before anything is mounted
+        or started, so a refusal leaves nothing behind."""
         import json
 
         from shim.framework.hooks import ContainerInfo, HandlerRunner, load_handler
@@ -270,11 +270,9 @@ class TaskService:
         before = json.loads(original)
         if info.spec.get("annotations") == {} and "annotations" not in before:
             del info.spec["annotations"]  # only read through ContainerInfo.annotations
+        set_terminal(info.spec, req.terminal)  # the request decides, whatever the hook wrote
         if before != info.spec:
-            tmp = config + ".pyshim-tmp"
-            with open(tmp, "w") as f:
-                json.dump(info.spec, f)
-            os.replace(tmp, config)
+            write_spec(config, info.spec)
         return runner
 
     def _notify(self, container: Container, hook: str, process: Process | None) -> None:
@@ -312,6 +310,11 @@ class TaskService:
         handler_spec = getattr(options, "handler", "") or self.default_handler
         if handler_spec:
             handler = await self._run_create_hook(req, options, handler_spec, getattr(ctx, "deadline", None))
+        else:
+            try:
+                align_terminal(bundle, req.terminal)
+            except (OSError, ValueError) as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle}: cannot read or write config.json: {exc}") from None
         rootfs = os.path.join(bundle, "rootfs")
         mounted = False
         if req.rootfs:
@@ -335,10 +338,6 @@ class TaskService:
         init = InitProcess(req.id, bundle, stdio)
         container = Container(req.id, bundle, self.namespace, options, runtime, init, rootfs_mounted=mounted)
         container.handler = handler
-        try:
-            align_terminal(bundle, req.terminal)
-        except (OSError, ValueError) as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"bundle {bundle}: cannot read or write config.json: {exc}") from None
         if req.checkpoint:
             # Restore: no `runc create`; the IO is opened now and Start runs `runc restore`.
             init.restore_from(self.app.restore_options(container, req.checkpoint, req.parent_checkpoint))
@@ -797,10 +796,23 @@ def align_terminal(bundle: str, terminal: bool) -> None:
             spec = json.load(f)
     except FileNotFoundError:
         return  # runc says what is missing, in its own words
+    if set_terminal(spec, terminal):
+        write_spec(path, spec)
+
+
+def set_terminal(spec, terminal: bool) -> bool:
+    """Set spec's process.terminal to `terminal`; True when that changed it."""
     process = spec.get("process") if isinstance(spec, dict) else None
     if not isinstance(process, dict) or bool(process.get("terminal", False)) == bool(terminal):
-        return
+        return False
     process["terminal"] = bool(terminal)
+    return True
+
+
+def write_spec(path: str, spec: dict) -> None:
+    """Replace config.json atomically (runc must never read half of it)."""
+    import json
+
     tmp = path + ".pyshim-tmp"
     with open(tmp, "w") as f:
         json.dump(spec, f)

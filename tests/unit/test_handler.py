@@ -128,6 +128,21 @@ async def test_hooks_run_in_order_and_change_what_runs(h):
     ]
 
 
+async def test_the_request_terminal_wins_over_what_a_create_hook_wrote(h):
+    class TerminalOn(Handler):
+        async def create(self, container):
+            container.spec["process"]["terminal"] = True
+
+    globals()["TerminalOn"] = TerminalOn
+    try:
+        await create(h, "c1", handler_options("TerminalOn"))  # the request asks for no terminal
+    finally:
+        del globals()["TerminalOn"]
+    spec = json.loads((h.tmp_path / "c1" / "config.json").read_text())
+    assert spec["process"]["terminal"] is False
+    assert [p.name for p in (h.tmp_path / "c1").iterdir() if p.name.startswith("config")] == ["config.json"]
+
+
 async def test_refused_create_fails_with_its_message_and_leaves_nothing(h):
     await expect_error(create(h, "c1", handler_options("Refusing")), Code.PERMISSION_DENIED,
                        "container c1 refused: privileged containers are not allowed")
