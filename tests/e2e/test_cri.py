@@ -36,8 +36,16 @@ HANDLER = "pyshim"
 def cri(request: pytest.FixtureRequest, busybox_image: Path):
     """A started PrivateContainerd with the CRI plugin, both images known to the CRI."""
     target = installed_target(request.param)
-    pause = build_pause_image(image_cache_dir())
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF, handler=HANDLER))
+    with running_cri(c, busybox_image):
+        yield c
+
+
+@contextlib.contextmanager
+def running_cri(c: PrivateContainerd, busybox_image: Path):
+    """Start a PrivateContainerd configured with the CRI plugin, with both images known to the
+    CRI; on leaving, close it and fail on anything left behind."""
+    pause = build_pause_image(image_cache_dir())
     # The pods' cgroup parent: a name close() treats as one of ours (cgroups are killed and
     # removed by namespace name).
     c.cgroup_parent = f"pyshim-{c.token}-cri-pods"

@@ -34,9 +34,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from conftest import VERSION_IDS, installed_target
-from containerd import IMAGE_REF, REPO_ROOT, CriConfig, PrivateContainerd, _mounts_under, image_cache_dir
+from containerd import REPO_ROOT, CriConfig, PrivateContainerd, _mounts_under
 from cri_client import CriClient
-from pause_image import PAUSE_IMAGE_REF, build_pause_image
+from pause_image import PAUSE_IMAGE_REF
 from shim.api.runtime import v1 as cri_v1
 from test_cri import (
     CRI_NAMESPACE,
@@ -44,13 +44,12 @@ from test_cri import (
     _container_config,
     _pod,
     _pod_config,
-    _remove_pod,
     _run_pod,
     _start_container,
     _status,
     _wait_exited,
-    _wait_for_images,
     _wait_gone,
+    running_cri,
 )
 from test_example_audit import read_lines
 from test_example_crun import CRUN as CRUN_BINARY
@@ -68,7 +67,6 @@ CA_TEXT = "-----BEGIN CERTIFICATE-----\npyshim e2e\n-----END CERTIFICATE-----\n"
 def cri(request: pytest.FixtureRequest, busybox_image: Path):
     """A PrivateContainerd with the CRI plugin and the runtime handlers above."""
     target = installed_target(request.param)
-    pause = build_pause_image(image_cache_dir())
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF),
                           shim_python_path=[EXAMPLES / name for name in ("policy", "inject", "audit", "crun")])
     c.data_dir = c.dir / "data"
@@ -89,22 +87,8 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
         AUDIT: {"Handler": "pyshim_audit:Audit", "HandlerOptions": {"path": str(_audit_path(c))}},
         CRUN: {"Handler": "pyshim_crun:UseCrun", "HandlerOptions": _crun_options(c)},
     })
-    c.cgroup_parent = f"pyshim-{c.token}-cri-pods"
-    c.namespaces.append(c.cgroup_parent)
-    try:
-        c.start()
-        c.import_image(busybox_image, CRI_NAMESPACE)
-        c.ctr("images", "import", "--no-unpack", str(pause), namespace=CRI_NAMESPACE,
-              timeout=120, check=True)
-        asyncio.run(_wait_for_images(c, [IMAGE_REF, PAUSE_IMAGE_REF]))
-    except BaseException:
-        print(c.log_tail(60))
-        c.close()
-        raise
-    yield c
-    log_tail = c.log_tail(40)
-    leftovers = c.close()
-    assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers) + f"\n{log_tail}"
+    with running_cri(c, busybox_image):
+        yield c
 
 
 def _crun_options(c: PrivateContainerd) -> dict[str, str]:
