@@ -52,7 +52,7 @@ class FifoLogHandler(logging.Handler):
             return
         try:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            message = record.getMessage().replace('"', '\\"')
+            message = record.getMessage().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             if record.exc_info:
                 message += " " + self.formatException(record.exc_info).replace("\n", " | ")
             task_id = TASK_ID.get() or self._task_id  # the container this line is about
@@ -115,6 +115,38 @@ def _task_api_server():
     return Server(require_same_user=True)
 
 
+async def _start_debug_server(flags, service, server, socket_path):
+    """This daemon's debug socket (shim.framework.debug), or None when it cannot be made:
+    seeing inside is worth a warning, never a container."""
+    from shim.framework.app import identity
+    from shim.framework.bootstrap import PROTOCOL_ENV
+    from shim.framework.debug import debug_socket_path
+    from shim.framework.debug.server import Daemon, DebugServer
+
+    if not isinstance(socket_path, str) or not socket_path or socket_path.startswith("\0"):
+        return None
+    protocol = "grpc" if os.environ.get(PROTOCOL_ENV) == "grpc" else "ttrpc"
+    daemon = Daemon(service, server, flags.namespace, socket_path, protocol, identity().runtime_type)
+    debug = DebugServer(daemon)
+    try:
+        await debug.start(flags.debug_socket or debug_socket_path(socket_path))
+    except OSError as exc:
+        log.warning("no debug socket: %s", exc)
+        return None
+    return debug
+
+
+def _dump_stacks() -> None:
+    """SIGUSR1: every task's and thread's stack into containerd's log, as the Go shim does
+    with its goroutines."""
+    from shim.framework.debug.stacks import describe_stacks, format_stacks
+
+    try:
+        log.info("=== BEGIN stack dump ===\n%s=== END stack dump ===", format_stacks(describe_stacks()))
+    except Exception:
+        log.exception("stack dump failed")
+
+
 async def _serve(flags, listener: socket.socket) -> None:
     from shim.framework.events import EventPublisher
     from shim.framework.reaper import Reaper
@@ -134,6 +166,8 @@ async def _serve(flags, listener: socket.socket) -> None:
     service.register(server)
     await server.start(sock=listener)
     log.debug("serving %s on %s", type(server).__name__, socket_path)
+    debug = await _start_debug_server(flags, service, server, socket_path)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
     try:
         async with asyncio.TaskGroup() as tasks:
             publishing = tasks.create_task(publisher.run())
@@ -146,6 +180,8 @@ async def _serve(flags, listener: socket.socket) -> None:
             await publisher.close(flush_timeout=2.0)
             publishing.cancel()
     finally:
+        if debug is not None:
+            await debug.close()
         reaper.stop()
         if isinstance(socket_path, str) and socket_path and not socket_path.startswith("\0"):
             try:

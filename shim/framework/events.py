@@ -36,6 +36,7 @@ from typing import Any as _AnyType
 from shim.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
 from shim.api.google.protobuf import Any
 from shim.api.message_pool import default_message_pool
+from shim.framework.debug.trace import TRACER
 from shim.framework.ttrpc import Client, Code, TtrpcError
 
 log = logging.getLogger("shim.framework.events")
@@ -62,6 +63,8 @@ def event_type_url(event: _AnyType) -> str:
 @dataclass(slots=True)
 class _Queued:
     topic: str
+    #: The container the event is about ("" when it names none), for the debug socket.
+    container_id: str
     #: The serialized ForwardRequest, built at publish time: the timestamp is the publish
     #: time, and later changes to the caller's event object cannot leak into what is sent.
     payload: bytes
@@ -109,6 +112,12 @@ class EventPublisher:
         self._stopping = False  # close() is cancelling run()
         self.dropped = 0  # events lost to the queue bound (not rejected ones)
 
+    def pending_for(self, container_id: str) -> list[dict]:
+        """The undelivered events about one container, oldest (maybe in flight) first."""
+        items = ([self._current] if self._current is not None else []) + list(self._queue)
+        return [{"topic": item.topic, "in_flight": item is self._current}
+                for item in items if item.container_id == container_id]
+
     @property
     def pending(self) -> int:
         """Events published but not yet delivered (including the one in flight)."""
@@ -131,7 +140,7 @@ class EventPublisher:
                 topic=topic,
                 event=Any(type_url=event_type_url(event), value=bytes(event)),
             )
-            item = _Queued(topic, bytes(ForwardRequest(envelope=envelope)))
+            item = _Queued(topic, getattr(event, "container_id", ""), bytes(ForwardRequest(envelope=envelope)))
             loop = self._loop
             if loop is not None and threading.get_ident() != self._loop_thread:
                 loop.call_soon_threadsafe(self._enqueue, item)
@@ -147,6 +156,7 @@ class EventPublisher:
         if len(self._queue) >= self._max_queued:
             oldest = self._queue.popleft()
             self.dropped += 1
+            TRACER.event(oldest.topic, oldest.container_id, "dropped", message="queue full")
             log.error(
                 "event queue full (%d events, containerd at %s unreachable): dropping oldest %s event"
                 " (%d dropped so far)",
@@ -156,6 +166,7 @@ class EventPublisher:
                 self.dropped,
             )
         self._queue.append(item)
+        TRACER.event(item.topic, item.container_id, "queued")
         self._idle.clear()
         self._wakeup.set()
 
@@ -221,14 +232,17 @@ class EventPublisher:
             except (OSError, TimeoutError) as exc:  # dial failed: no socket, refused, slow
                 code, message = Code.UNAVAILABLE, f"dial {self._address}: {exc or type(exc).__name__}"
             if code == Code.OK:
+                TRACER.event(item.topic, item.container_id, "delivered", attempt)
                 if attempt > 1:
                     log.info("forwarded %s event after %d attempts", item.topic, attempt)
                 return
             error = TtrpcError(code, message)
             if code not in _RETRYABLE:
+                TRACER.event(item.topic, item.container_id, "rejected", attempt, str(error))
                 log.error("containerd did not accept %s event (%s): dropping it", item.topic, error)
                 return
             # Warn once per event, not on every retry: containerd may be down for minutes.
+            TRACER.event(item.topic, item.container_id, "retrying", attempt, str(error))
             level = logging.WARNING if attempt == 1 else logging.DEBUG
             log.log(level, "cannot forward %s event (%s): retrying until containerd is back", item.topic, error)
             await self._disconnect()

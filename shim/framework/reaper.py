@@ -27,6 +27,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shim.framework.debug.trace import TRACER
+
 __all__ = [
     "DEVNULL",
     "PIPE",
@@ -345,6 +347,7 @@ class Reaper:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         start_new_session: bool = False,
+        label: str = "",
     ) -> Result:
         """Run a short-lived command to completion and return its status and captured output.
 
@@ -355,10 +358,16 @@ class Reaper:
 
         On timeout the process is SIGKILLed, reaped, and CommandTimeout raised. If the caller
         is cancelled the process is SIGKILLed and the reaper collects it later.
+
+        Each run is reported to the daemon's trace (shim.framework.debug.trace) under `label`
+        (what the command does, e.g. runc's subcommand; the program's name by default).
         """
         loop = self._require_loop()
         if input is not None and stdin is not None:
             raise ValueError("pass either input or stdin")
+        token = TRACER.command_started(label or os.path.basename(argv[0]), argv)
+        exit_code: int | None = None
+        captured_stderr = b""
         child_fds: list[int] = []  # the child's pipe ends, closed right after spawning
         readers: list[_PipeReader | None] = []
         writer: _PipeWriter | None = None
@@ -388,6 +397,7 @@ class Reaper:
                 env=env,
                 start_new_session=start_new_session,
             )
+            TRACER.command_spawned(token, pid)
             exited = self._watchers[pid]
             # Our copies of the child's ends go now, or we would never see EOF / EPIPE.
             while child_fds:
@@ -406,10 +416,12 @@ class Reaper:
             exit = exited.result()
             pid = None
             out, err = (b"" if r is None else r.finish() for r in readers)
+            exit_code, captured_stderr = exit.status, err
             if not done:
                 raise CommandTimeout(argv, timeout or 0.0, out, err)
             return Result(exit.pid, exit.status, out, err, exit.timestamp)
         finally:
+            TRACER.command_finished(token, exit_code, captured_stderr)
             if pid is not None:  # cancelled (or failed) while the child runs
                 _kill(pid)
             for fd in child_fds:

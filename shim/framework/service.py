@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 from shim.api.containerd import events
@@ -34,6 +35,7 @@ from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
 from shim.framework.container import Container, ContainerRegistry
+from shim.framework.debug.trace import TRACER
 from shim.framework.exits import ExitRouter
 from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
 from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
@@ -166,6 +168,11 @@ class TaskService:
 
     # -- exits ----------------------------------------------------------------------------
     def on_exit(self, exit_) -> None:
+        from shim.framework.debug.trace import TRACER
+
+        if TRACER.sinks:
+            process = self.exits.by_pid.get(exit_.pid)
+            TRACER.exit(getattr(process, "container_id", ""), getattr(process, "exec_id", ""), exit_.pid, exit_.status)
         self.exits.on_exit(exit_)  # rules 1 and 2 (shim.framework.exits), then _process_exit
 
     async def _process_exit(self, process: Process, exit_) -> None:
@@ -539,6 +546,7 @@ class TaskService:
         for gone in container.all_processes():  # execs that never exited go with the container
             self.exits.forget(gone)
         self.containers.remove(container)
+        TRACER.forget(container.id)  # its last commands, kept for `pyshim inspect`
         self.publisher.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -758,12 +766,36 @@ class TaskService:
 
 
 def _for_its_task(handler):
-    """A Task API handler whose log lines name the request's container (requests carry `id`)."""
+    """A Task API handler whose log lines name the request's container (requests carry `id`),
+    and which reports each call (method, ids, status, latency) to the trace and, with -debug,
+    to containerd's log."""
+    from shim.framework.debug.trace import TRACER
     from shim.framework.logcontext import TASK_ID
 
     async def for_its_task(request, ctx):
-        TASK_ID.set(getattr(request, "id", "") or "")  # this request's own asyncio task
-        return await handler(request, ctx)
+        container_id = getattr(request, "id", "") or ""
+        TASK_ID.set(container_id)  # this request's own asyncio task
+        if not TRACER.sinks and not log.isEnabledFor(logging.DEBUG):
+            return await handler(request, ctx)
+        started = time.monotonic()
+        code, message = "OK", ""
+        try:
+            return await handler(request, ctx)
+        except TtrpcError as exc:
+            code, message = exc.code.name, exc.message
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code, message = "UNKNOWN", str(exc)
+            raise
+        finally:
+            seconds = time.monotonic() - started
+            exec_id = getattr(request, "exec_id", "") or ""
+            TRACER.request(ctx.service, ctx.method, container_id, exec_id, code, message, seconds)
+            log.debug("%s %s id=%s exec_id=%s: %s%s (%.1f ms)", ctx.service, ctx.method, container_id, exec_id,
+                      code, f" {message}" if message else "", seconds * 1000)
 
     return for_its_task
 

@@ -387,7 +387,7 @@ class Runc:
         if capture:
             stdout = stderr = PIPE
         result = await self.reaper.run(
-            argv, input=input, stdin=stdin, stdout=stdout, stderr=stderr, env=self._env()
+            argv, input=input, stdin=stdin, stdout=stdout, stderr=stderr, env=self._env(), label=args[0]
         )
         if result.returncode != 0:
             stderr_text = result.stderr.decode("utf-8", "replace").strip()
@@ -528,7 +528,7 @@ class Runc:
         await self._run(*args, stdin=stdin, stdout=stdout, stderr=stderr, capture=False)
 
     async def version(self) -> RuntimeVersion:
-        result = await self.reaper.run([self.binary, "--version"], env=self._env())
+        result = await self.reaper.run([self.binary, "--version"], env=self._env(), label="version")
         if result.returncode != 0:
             text = result.stderr.decode("utf-8", "replace").strip()
             raise RuncError(
