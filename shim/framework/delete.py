@@ -58,8 +58,8 @@ SOCKET_DIR = "/run/containerd/s/"
 
 
 def _remove_dead_socket(bundle: str) -> None:
-    """A SIGKILLed daemon leaves its socket file behind: remove it, but only when nobody
-    listens on it any more (a group's daemon may still serve other containers)."""
+    """A SIGKILLed daemon leaves its socket files behind (Task API and debug): remove them,
+    but only when nobody listens any more (a group's daemon may still serve other containers)."""
     address = _read(os.path.join(bundle, "address"))
     path = address.removeprefix("unix://")
     if not path.startswith(SOCKET_DIR) or "/.." in path or not os.path.exists(path):
@@ -71,10 +71,13 @@ def _remove_dead_socket(bundle: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:  # a socket file without a listener
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        from shim.framework.debug import debug_socket_path
+
+        for dead in (path, debug_socket_path(path)):
+            try:
+                os.unlink(dead)
+            except OSError:
+                pass
     except OSError:
         pass  # busy or unreadable: assume alive
     finally:

@@ -168,17 +168,13 @@ class TaskService:
 
     # -- exits ----------------------------------------------------------------------------
     def on_exit(self, exit_) -> None:
-        from shim.framework.debug.trace import TRACER
-
-        if TRACER.sinks:
-            process = self.exits.by_pid.get(exit_.pid)
-            TRACER.exit(getattr(process, "container_id", ""), getattr(process, "exec_id", ""), exit_.pid, exit_.status)
         self.exits.on_exit(exit_)  # rules 1 and 2 (shim.framework.exits), then _process_exit
 
     async def _process_exit(self, process: Process, exit_) -> None:
         from shim.framework.logcontext import TASK_ID
 
         TASK_ID.set(process.container_id)  # a task of its own: its log lines name the container
+        TRACER.exit(process.container_id, process.exec_id, exit_.pid, exit_.status)
         container = self.containers.get(process.container_id)
         if container is not None and process is container.init:
             if container.starting_execs:

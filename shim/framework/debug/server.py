@@ -127,21 +127,27 @@ class _DebugConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._request_timer: asyncio.TimerHandle | None = None
         self._filter: tuple[str, str] | None = None  # (namespace, id) a trace follows
+        self._refused = False  # a peer that may not connect
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         sock = transport.get_extra_info("socket")
         peer = peer_credentials(sock) if sock is not None else None
+        self._request_timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._timed_out)
         if peer is None or not self._server.allowed(peer.uid):
             log.warning("debug socket: refusing connection from %s: not root nor the daemon's user", peer)
+            # Said before the request is read, and closed once it is: closing with the
+            # request unread would reset the connection and lose this line.
+            self._refused = True
             transport.write(encode_error("permission denied: only root or the daemon's user may connect"))
-            transport.close()
             return
         self._server._clients.add(self)
-        self._request_timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._close()
+            return
         try:
             request = self._reader.feed(data)
         except WireError as exc:
@@ -166,6 +172,8 @@ class _DebugConnection(asyncio.Protocol):
         self._close()
 
     def eof_received(self) -> bool:
+        if self._refused:
+            return False
         try:
             self._reader.feed_eof()
         except WireError as exc:
@@ -222,6 +230,9 @@ class _DebugConnection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._request_timer = None
+        if self._refused:
+            self.drop()
+            return
         self._fail(f"no request within {REQUEST_TIMEOUT:.0f}s")
 
     def _cancel_timer(self) -> None:

@@ -24,6 +24,7 @@ def describe_daemon(daemon) -> dict:
         "debug_socket": daemon.debug_socket,
         "started": daemon.started,
         "clients": getattr(daemon.task_server, "connection_count", 0),
+        "trace_clients": len(TRACER.sinks),
         "events_pending": publisher.pending,
         "events_dropped": publisher.dropped,
         "log_level": logging.getLevelName(logging.getLogger().level).lower(),
