@@ -352,7 +352,12 @@ def test_inspect_and_log_level(e2e):
     missing = pyshim("inspect", "no-such-container", check=False)
     assert missing.returncode == 1 and "no pyshim daemon serves container no-such-container" in missing.stderr
 
+    # containerd logs at debug level here, so it started the daemon with -debug: each
+    # request is a debug line in containerd's log, as with the Go shim.
     log = e2e.containerd.log_path
+    e2e.ctr("task", "ls", check=True)
+    wait_until(lambda: (b"Task State id=" + cid.encode()) in log.read_bytes(), 10,
+               "-debug: a line for the State request in containerd's log")
     pyshim("log-level", cid, "info")
     before = log.stat().st_size
     e2e.ctr("task", "ls", check=True)

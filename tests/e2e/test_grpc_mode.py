@@ -28,6 +28,7 @@ import test_lifecycle as lifecycle
 import test_task_api as task_api
 from conftest import E2E, _slug
 from containerd import PrivateContainerd
+from test_debug import ls_json
 from test_lifecycle import PYSHIM, task_status
 from waiting import wait_until
 
@@ -184,6 +185,9 @@ def test_start_reply_and_address_file(gfe):
             assert json.loads(bootstrap.read_text())["protocol"] == "ttrpc"
         why = "containerd 2.x drops" if gfe.version.startswith("2") else "containerd 1.6"
         _wait_logged(gfe, f"gRPC mode: {why}")  # the daemon says why it serves ttrpc
+    (daemon,) = ls_json(gfe.namespace)  # `pyshim` sees a gRPC daemon as it sees a ttrpc one
+    assert daemon["protocol"] == ("grpc" if gfe.version in SERVES_GRPC else "ttrpc"), daemon
+    assert [task["id"] for task in daemon["tasks"]] == [cid]
     gfe.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
     lifecycle._wait_stopped(gfe, cid)
     gfe.ctr("task", "rm", cid, check=True)

@@ -280,11 +280,12 @@ def format_inspect(c: dict) -> str:
     running = c.get("commands_running") or []
     commands = c.get("commands") or []
     lines.append(f"  last commands ({len(commands)} kept, {len(running)} running)")
-    for command in running:
-        lines.append(f"    RUNNING {command.get('running_for_ms', 0):8.1f}ms  {' '.join(command.get('argv', ()))}")
-    for command in commands:
+    for command in running:  # the whole command line: this is what a stuck request waits on
+        lines.append(f"    {command.get('command'):<10} RUNNING for {command.get('running_for_ms', 0) / 1000:.1f}s,"
+                     f" pid {command.get('pid')}: {' '.join(command.get('argv', ()))}")
+    for command in commands:  # the command lines are in --json
         when = time.strftime("%H:%M:%S", time.localtime(command.get("started", 0)))
-        lines.append(f"    {when} exit {command.get('exit_code')} {command.get('ms', 0):8.1f}ms  {' '.join(command.get('argv', ()))}")
+        lines.append(f"    {command.get('command'):<10} {when}  exit {command.get('exit_code')}  {command.get('ms', 0):.1f}ms")
         if command.get("stderr"):
             lines.append(f"      stderr: {command['stderr']}")
     events = c.get("events_pending") or []
@@ -305,8 +306,8 @@ def format_record(daemon_pid: int, record: dict) -> str:
         status = record.get("status")
         if record.get("message"):
             status += f" ({record['message']})"
-        service = record.get("service", "").rpartition(".")[0]
-        text = f"{service}.{record.get('method')} {ids} {status} {record.get('ms', 0):.1f}ms"
+        service = record.get("service", "").removeprefix("containerd.")
+        text = f"{service}/{record.get('method')} {ids} {status} {record.get('ms', 0):.1f}ms"
     elif kind == "command":
         text = f"{record.get('command')} {ids} pid={record.get('pid')} exit={record.get('exit_code')} {record.get('ms', 0):.1f}ms"
         if record.get("stderr"):

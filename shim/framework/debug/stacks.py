@@ -49,8 +49,7 @@ def _describe_awaitable(awaitable: object) -> str:
     if isinstance(awaitable, asyncio.Task):
         return f"task {awaitable.get_name()}"
     if isinstance(awaitable, asyncio.Future):
-        text = repr(awaitable)
-        return text if len(text) < 300 else text[:297] + "..."
+        return ""  # a bare future: the innermost frame (Event.wait, Queue.get...) says more
     if getattr(awaitable, "cr_frame", None) is not None or getattr(awaitable, "gi_frame", None) is not None:
         return ""  # a coroutine still running its own code: its frame is the last line
     return type(awaitable).__name__
@@ -60,8 +59,14 @@ def _task(task: asyncio.Task) -> dict:
     coro = task.get_coro()
     frames, waiting_on = _await_chain(coro)
     waiter = getattr(task, "_fut_waiter", None)  # the future the task is parked on
-    if waiter is not None:
+    if isinstance(waiter, asyncio.Task):
         waiting_on = _describe_awaitable(waiter)
+    if not waiting_on and frames:
+        # What it waits in: the innermost function, and the innermost of ours when that is
+        # library code (Reaper.run → wait).
+        innermost = frames[-1]["function"]
+        ours = [f["function"] for f in frames if "/shim/" in f["file"]]
+        waiting_on = innermost if not ours or ours[-1] == innermost else f"{ours[-1]} → {innermost}"
     return {
         "name": task.get_name(),
         "coroutine": getattr(coro, "__qualname__", type(coro).__name__),
@@ -75,6 +80,11 @@ def _threads() -> list[dict]:
     frames = sys._current_frames()
     threads = []
     for thread in threading.enumerate():
+        if thread.ident == threading.get_ident():
+            # The loop's thread, busy taking this very dump: its tasks above are what it runs.
+            threads.append({"name": thread.name, "ident": thread.ident, "daemon": thread.daemon,
+                            "stack": [], "note": "runs the event loop (its tasks are listed above)"})
+            continue
         frame = frames.get(thread.ident or -1)
         stack = [] if frame is None else [
             {"file": f.filename, "line": f.lineno, "function": f.name} for f in traceback.extract_stack(frame)
@@ -112,7 +122,8 @@ def format_stacks(stacks: dict) -> str:
     threads = stacks.get("threads") or []
     lines.append(f"=== {len(threads)} thread(s) ===")
     for thread in threads:
-        lines.append(f"thread {thread['name']} (ident {thread['ident']})")
+        note = f": {thread['note']}" if thread.get("note") else ""
+        lines.append(f"thread {thread['name']} (ident {thread['ident']}){note}")
         for frame in thread["stack"]:
             lines.append(f"    {frame['file']}:{frame['line']} in {frame['function']}")
         lines.append("")
