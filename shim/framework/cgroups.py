@@ -35,6 +35,9 @@ V2_METRICS_TYPE = "io.containerd.cgroups.v2.Metrics"
 #: cpuacct.stat counts USER_HZ ticks; Go's cgroups hardcodes 100 as we do.
 CLOCK_TICKS = 100
 NANOSECONDS_PER_TICK = 1_000_000_000 // CLOCK_TICKS
+#: A v1 memory.limit_in_bytes above this is "no limit": the kernel shows that as LONG_MAX
+#: rounded down to its page size, and no machine has 4 EiB to limit anything to.
+V1_NO_MEMORY_LIMIT = 2**62
 
 
 # -- pure parsing --------------------------------------------------------------------------
@@ -252,6 +255,18 @@ def _read_uint(directory: str | None, name: str, max_value: int = 0) -> int:
     return 0 if text is None else parse_uint(text, max_value)
 
 
+def _read_number(directory: str | None, name: str) -> int | None:
+    """One number for `describe()`: None when the file is missing or unreadable, or holds no
+    number ("max", garbage), so a reader sees "unknown" or "unlimited", never a false 0."""
+    text = _read(directory, name)
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
 def _device_name(major: int, minor: int) -> str:
     text = _read(f"/sys/dev/block/{major}:{minor}", "uevent")
     for line in (text or "").splitlines():
@@ -303,13 +318,15 @@ def load(pid: int) -> Cgroup | None:
     if is_unified():
         if "" not in paths:
             return None
-        return CgroupV2(os.path.join(CGROUP_ROOT, paths[""].lstrip("/")))
+        return CgroupV2(os.path.join(CGROUP_ROOT, paths[""].lstrip("/")), path=paths[""])
     mountinfo = _read("/proc/self", "mountinfo") or ""
     mounts = parse_v1_mounts(mountinfo)
     directories = {c: v1_directory(mounts[c], p) for c, p in paths.items() if c and c in mounts}
     if not directories:
         return None
-    return CgroupV1(directories)
+    # runc puts a container at the same path in every hierarchy; where they differ (a host
+    # process, a hand-made setup), memory's is shown, as its limit and OOMs are what one looks for.
+    return CgroupV1(directories, path=paths.get("memory") or paths[next(iter(directories))])
 
 
 # -- the interface -------------------------------------------------------------------------
@@ -320,6 +337,14 @@ class Cgroup:
 
     def stats(self):
         """The Metrics message (v1 or v2, matching `metrics_type`)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """For `pyshim inspect`, as JSON types: `version`, `path` (in the hierarchy, e.g.
+        "/default/web"; None when not known), where its files are, `memory_bytes`,
+        `memory_limit_bytes` (None: unlimited), `pids` and `cpu_usage_ns`. A few files are
+        read (it runs on the daemon's loop); a value is None when its file is missing or
+        unreadable, e.g. a controller that is not mounted or enabled."""
         raise NotImplementedError
 
     def watch_oom(self, on_oom: Callable[[], None]) -> OomWatch | None:
@@ -342,9 +367,11 @@ class OomWatch:
 class CgroupV1(Cgroup):
     metrics_type = V1_METRICS_TYPE
 
-    def __init__(self, directories: dict[str, str]) -> None:
+    def __init__(self, directories: dict[str, str], path: str | None = None) -> None:
         #: controller -> directory (e.g. "memory" -> /sys/fs/cgroup/memory/ns/id)
         self.directories = directories
+        #: as /proc/<pid>/cgroup names it (e.g. "/ns/id"), None when not known
+        self.path = path
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CgroupV1) and other.directories == self.directories
@@ -376,6 +403,19 @@ class CgroupV1(Cgroup):
                 for size in _hugepage_sizes()
             ]
         return metrics
+
+    def describe(self) -> dict:
+        d = self.directories
+        limit = _read_number(d.get("memory"), "memory.limit_in_bytes")
+        return {
+            "version": 1,
+            "path": self.path,
+            "directories": dict(d),
+            "memory_bytes": _read_number(d.get("memory"), "memory.usage_in_bytes"),
+            "memory_limit_bytes": None if limit is None or limit > V1_NO_MEMORY_LIMIT else limit,
+            "pids": _read_number(d.get("pids"), "pids.current"),
+            "cpu_usage_ns": _read_number(d.get("cpuacct"), "cpuacct.usage"),
+        }
 
     def _cpu(self):
         from shim.api.io.containerd.cgroups import v1
@@ -492,8 +532,10 @@ class EventfdOomWatch(OomWatch):
 class CgroupV2(Cgroup):
     metrics_type = V2_METRICS_TYPE
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, path: str | None = None) -> None:
         self.directory = directory
+        #: as /proc/<pid>/cgroup names it (e.g. "/default/web"), None when not known
+        self.path = path
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CgroupV2) and other.directory == self.directory
@@ -537,6 +579,20 @@ class CgroupV2(Cgroup):
             if os.path.exists(os.path.join(d, f"hugetlb.{size}.current"))
         ]
         return metrics
+
+    def describe(self) -> dict:
+        d = self.directory
+        cpu_stat = _read(d, "cpu.stat")
+        usage_usec = None if cpu_stat is None else parse_keyed(cpu_stat).get("usage_usec")
+        return {
+            "version": 2,
+            "path": self.path,
+            "directory": d,
+            "memory_bytes": _read_number(d, "memory.current"),
+            "memory_limit_bytes": _read_number(d, "memory.max"),  # "max" reads as None: unlimited
+            "pids": _read_number(d, "pids.current"),
+            "cpu_usage_ns": None if usage_usec is None else usage_usec * 1000,
+        }
 
     def _psi(self, name: str):
         text = _read(self.directory, name)

@@ -28,6 +28,9 @@ log = logging.getLogger("shim.framework.hooks")
 #: Bound of a hook when its request carries no deadline, and of every notification hook.
 HOOK_TIMEOUT = 30.0
 
+#: What a handler may override: the public methods of the base class, in its order.
+HOOK_NAMES = tuple(name for name, value in vars(Handler).items() if not name.startswith("_") and callable(value))
+
 
 def load_handler(spec: str, options: dict) -> Handler:
     """An instance of the class named by `spec` ("package.module:ClassName")."""
@@ -60,6 +63,20 @@ class HandlerRunner:
         # No request waits for them: a slow hook delays the next hook, never containerd.
         self._pending: collections.deque = collections.deque()
         self._worker: asyncio.Task | None = None
+        self._running_notification: str | None = None  # the hook the worker is in, for describe()
+
+    def describe(self) -> dict:
+        """For `pyshim inspect`, as JSON types: the spec it was loaded as (`name`), its
+        `class`, the notification hooks waiting (`notifications_queued`) and the one running
+        now (`notification_running`, None when idle), and which `hooks` it overrides."""
+        cls = type(self.handler)
+        return {
+            "name": self.name,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "notifications_queued": len(self._pending),
+            "notification_running": self._running_notification,
+            "hooks": [name for name in HOOK_NAMES if getattr(cls, name, None) is not getattr(Handler, name)],
+        }
 
     async def guarded(self, hook: str, deadline: float | None, *args) -> None:
         """Run a refusable hook inside its request; errors become the request's status."""
@@ -95,7 +112,11 @@ class HandlerRunner:
         TASK_ID.set(self.container.id)
         while self._pending:
             hook, args = self._pending.popleft()
-            await self.notify(hook, *args)
+            self._running_notification = hook
+            try:
+                await self.notify(hook, *args)
+            finally:
+                self._running_notification = None
 
     async def notify(self, hook: str, *args) -> None:
         """Run a notification hook now: bounded, its errors logged and swallowed."""

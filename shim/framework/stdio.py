@@ -69,6 +69,7 @@ import signal
 import stat
 import sys
 import termios
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -227,6 +228,7 @@ class ProcessIO:
         self._master = -1  # kept for resize until the output reached EOF
         self._console_out: _Target | None = None
         self._console_in = -1
+        self._console_in_path = ""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("copying" if self._started else "open")
@@ -273,19 +275,23 @@ class ProcessIO:
         os.set_blocking(master, False)
         # Each pump owns a dup: asyncio keys readiness callbacks by fd, and both use the master.
         pump = _Pump(self._loop, "stdout", os.dup(master))
+        pump.source = "pty"
         out, self._console_out = self._console_out, None
         if out is not None:
             pump.connect(os.dup(out.fd), out.pollable, splice=False)  # a tty cannot be spliced from
+            pump.target = out.description
             if out.hold != -1:
                 pump.hold = os.dup(out.hold)
             out.close()
         else:
             pump.drain_only()  # nobody reads, but the container must never block on a write
+            pump.target = "/dev/null"
         pump.on_finish = self._console_output_done
         self._pumps.append(pump)
         self._output.append(pump)
         if self._console_in != -1:
             pump = _Pump(self._loop, "stdin", self._console_in)
+            pump.source, pump.target = f"fifo {self._console_in_path}", "pty"
             self._console_in = -1
             pump.connect(os.dup(master), pollable=True, splice=False)
             pump.on_finish = self._console_input_done
@@ -379,6 +385,27 @@ class ProcessIO:
         if self._logger is not None:
             await self._logger.stopped()
 
+    # -- for the debug socket (pyshim inspect) ---------------------------------------------
+    def describe(self) -> list[dict]:
+        """One dict per copy loop, JSON types only: `stream`, `source`, `target`, `mode`
+        (splice, readwrite, drain), `bytes` written to the target, `dropped_bytes`,
+        `queued_bytes` (waiting in the source, None when it cannot tell), `state` ("not
+        started", "copying", "waiting for data", "blocked on writer": the target takes
+        nothing, its reader is not reading; "waiting for the pty's last output", "done",
+        "stopped"), `blocked_since` (time.time() when it began waiting for its target, None
+        when not blocked) and `blocked_for_s`. A terminal process's pumps before the console
+        arrived are "waiting for the console"; a binary:// logger is one more entry with its
+        `pid` and `argv`. No side effects; one ioctl per pump."""
+        now = time.time()
+        described = [pump.describe(now) for pump in self._pumps]
+        if self._console_out is not None:
+            described.append(_unattached_console("stdout", "pty", self._console_out.description))
+        if self._console_in != -1:
+            described.append(_unattached_console("stdin", f"fifo {self._console_in_path}", "pty"))
+        if self._logger is not None:
+            described.append(self._logger.describe())
+        return described
+
     def __enter__(self) -> ProcessIO:
         return self
 
@@ -400,11 +427,13 @@ class ProcessIO:
                     self._child[index] = self._null()
                     continue
                 pump = _Pump(self._loop, stream, self._pipe(index, uid, gid, stream))
+                pump.source = "container pipe"
                 self._pumps.append(pump)
                 self._output.append(pump)
                 target = targets.get(path)
                 if target is None:
                     target = targets[path] = await _open_output(stream, path, deadline, self._loop)
+                pump.target = target.description
                 # Each pump gets its own dups: asyncio keys readiness callbacks by fd, and
                 # stdout and stderr may share one FIFO.
                 pump.connect(os.dup(target.fd), target.pollable)
@@ -415,6 +444,7 @@ class ProcessIO:
                 target.close()
         if plan.stdin:
             pump = _Pump(self._loop, "stdin", -1)
+            pump.source, pump.target = f"fifo {plan.stdin}", "container pipe"
             self._pumps.append(pump)
             pump.connect(self._pipe(0, uid, gid, "stdin"), pollable=True)
             pump.src = _open_stdin_fifo(plan.stdin)
@@ -449,7 +479,7 @@ class ProcessIO:
         err_r, err_w = os.pipe()
         _close(err_w)
         os.set_blocking(out_w, False)
-        self._console_out = _Target(out_w, -1, pollable=True)
+        self._console_out = _Target(out_w, -1, pollable=True, description=self._logger.name)
         await self._logger.start(out_r, err_r, container_id, namespace, out_w)
 
     async def _open_terminal(self, plan: StdioPlan, deadline: float) -> None:
@@ -459,6 +489,7 @@ class ProcessIO:
             self._console_out = await _open_output("stdout", plan.stdout, deadline, self._loop)
         if plan.stdin:
             self._console_in = _open_stdin_fifo(plan.stdin)
+            self._console_in_path = plan.stdin
             try:
                 self._stdin_writer = os.open(plan.stdin, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
@@ -485,6 +516,13 @@ class ProcessIO:
             _close(ours)
             raise StdioError(f"{stream}: preparing pipe for uid {uid} gid {gid}: {exc}", stream=stream) from exc
         return ours
+
+
+def _unattached_console(stream: str, source: str, target: str) -> dict:
+    """A terminal process's stream whose pump does not exist yet: runc has not sent the
+    pty master (a container stuck here never got as far as its console)."""
+    return {"stream": stream, "source": source, "target": target, "mode": None, "bytes": 0, "dropped_bytes": 0,
+            "queued_bytes": None, "state": "waiting for the console", "blocked_since": None, "blocked_for_s": None}
 
 
 def _logger_argv(uri: str) -> tuple[str, ...]:
@@ -515,6 +553,22 @@ class _Logger:
     @property
     def name(self) -> str:
         return f"binary logger {self.argv[0]}"
+
+    def describe(self) -> dict:
+        """The logger as an entry of ProcessIO.describe: it reads the container's pipes
+        itself, so there are no byte counts, only whether it runs."""
+        exited = self.exited
+        if exited is not None and exited.done() and not exited.cancelled() and exited.exception() is None:
+            state = f"exited with status {exited.result().status}"
+        elif self._stopping is not None:
+            state = "stopping"
+        elif self.pid:
+            state = "running"
+        else:
+            state = "not started"
+        return {"stream": "logger", "source": "its fd 3 (stdout) and fd 4 (stderr)", "target": self.name,
+                "mode": None, "bytes": None, "dropped_bytes": None, "queued_bytes": None, "state": state,
+                "blocked_since": None, "blocked_for_s": None, "pid": self.pid or None, "argv": list(self.argv)}
 
     async def start(self, out: int, err: int, container_id: str, namespace: str, probe: int) -> None:
         """Spawn it with fds 3, 4 and 5 (`out` and `err` are closed here), wait until it is
@@ -618,6 +672,7 @@ class _Target:
     fd: int
     hold: int  # our own reader of an output FIFO, -1 for files
     pollable: bool
+    description: str = ""  # "fifo PATH", "file PATH", ... for `pyshim inspect`
 
     def close(self) -> None:
         _close(self.fd)
@@ -637,7 +692,8 @@ async def _open_output(stream: str, path: str, deadline: float, loop: asyncio.Ab
         except OSError as exc:
             raise _open_error(stream, path, exc) from exc
         os.set_blocking(fd, True)
-        return _Target(fd, -1, pollable=False)
+        kind = "file" if stat.S_ISREG(st.st_mode) else "device"
+        return _Target(fd, -1, pollable=False, description=f"{kind} {path}")
     pause = 0.001
     while True:
         try:
@@ -656,7 +712,7 @@ async def _open_output(stream: str, path: str, deadline: float, loop: asyncio.Ab
     except OSError as exc:
         _close(fd)
         raise _open_error(stream, path, exc) from exc
-    return _Target(fd, hold, pollable=True)
+    return _Target(fd, hold, pollable=True, description=f"fifo {path}")
 
 
 def _open_stdin_fifo(path: str) -> int:
@@ -708,7 +764,8 @@ class _Pump:
     """
 
     __slots__ = ("_loop", "name", "src", "dst", "hold", "_pollable", "_mode", "_waiting", "_buf", "_pending", "done", "on_finish",
-                 "_hangup_waited", "_hangup_delay")
+                 "_hangup_waited", "_hangup_delay", "source", "target", "copied", "dropped", "blocked_since",
+                 "_copied_when_blocked")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, src: int) -> None:
         self._loop = loop
@@ -727,10 +784,53 @@ class _Pump:
         self.on_finish: Callable[[bool], None] | None = None
         self._hangup_waited = 0.0  # seconds of EIO retries on a pty master, since its last data
         self._hangup_delay = _PTY_RETRY_FIRST
+        #: What `src` and `dst` are, for `pyshim inspect` ("fifo /run/...", "pty", "container pipe").
+        self.source = ""
+        self.target = ""
+        #: Bytes written to the target, and bytes read and dropped (no target, or it failed).
+        self.copied = 0
+        self.dropped = 0
+        #: time.time() when the pump last began waiting for its target to take more, None when
+        #: it is not waiting for it. Stamped on entering the wait, never per chunk.
+        self.blocked_since: float | None = None
+        self._copied_when_blocked = 0
 
     def __repr__(self) -> str:
         mode = self._mode.__name__.lstrip("_")
         return f"<_Pump {self.name} {mode} {'done' if self.done.done() else self._waiting or 'idle'}>"
+
+    def describe(self, now: float) -> dict:
+        """What this pump is doing, as JSON types (see ProcessIO.describe)."""
+        queued = None
+        if self.src != -1:
+            try:
+                queued = _unread(self.src)
+            except OSError:
+                pass  # not a pipe, FIFO or tty: its backlog cannot be asked for
+        if self.done.done():
+            state = "done" if self.done.result() else "stopped"
+        elif self._waiting == "dst":
+            state = "blocked on writer"
+        elif self._waiting == "src":
+            # Still registered after a full burst: data is there and the loop comes back to it.
+            state = "copying" if queued else "waiting for data"
+        elif self._waiting == "hangup":
+            state = "waiting for the pty's last output"
+        else:
+            state = "not started"
+        blocked_since = self.blocked_since if state == "blocked on writer" else None
+        return {
+            "stream": self.name,
+            "source": self.source,
+            "target": self.target,
+            "mode": self._mode.__name__.lstrip("_"),
+            "bytes": self.copied,
+            "dropped_bytes": self.dropped,
+            "queued_bytes": queued,
+            "state": state,
+            "blocked_since": blocked_since,
+            "blocked_for_s": None if blocked_since is None else round(max(now - blocked_since, 0.0), 3),
+        }
 
     def connect(self, dst: int, pollable: bool, splice: bool = True) -> None:
         """Set the target: `pollable` for pipes/FIFOs (epoll works, splice may), False for
@@ -751,8 +851,15 @@ class _Pump:
         self._finish(False)
 
     def _wait(self, what: str) -> None:
+        if what == "dst" and (self.blocked_since is None or self.copied != self._copied_when_blocked):
+            # Blocked again after having moved bytes (a slow reader): the wait starts now, so
+            # blocked_since says how long the target has taken nothing, not since when it is slow.
+            self.blocked_since = time.time()
+            self._copied_when_blocked = self.copied
         if what == self._waiting:
             return
+        if what == "src":
+            self.blocked_since = None
         self._unregister()
         if what == "src":
             self._loop.add_reader(self.src, self._step)
@@ -825,6 +932,7 @@ class _Pump:
                 return _MORE
             self._target_failed(exc)
             return _MORE
+        self.copied += n
         return _MORE if n else _EOF
 
     def _read_chunk(self) -> int:
@@ -856,15 +964,20 @@ class _Pump:
         except BlockingIOError:
             return _AGAIN_DST
         except OSError as exc:
+            self.dropped += len(self._pending)
             self._pending = None
             self._target_failed(exc)
             return _MORE
+        self.copied += n
         self._pending = self._pending[n:] if n < len(self._pending) else None
         return _MORE
 
     def _drain(self) -> int:
         n = self._read_chunk()
-        return _MORE if n > 0 else _READ_OUTCOME[n]
+        if n > 0:
+            self.dropped += n
+            return _MORE
+        return _READ_OUTCOME[n]
 
     def _target_failed(self, exc: OSError) -> None:
         if self.name == "stdin":
@@ -874,6 +987,7 @@ class _Pump:
             self._mode = self._eof
             return
         log.warning("stdio %s: writing failed (%s); dropping the rest of this stream", self.name, exc.strerror or exc)
+        self.target = f"/dev/null (writing to {self.target or 'the target'} failed: {exc.strerror or exc})"
         self._unregister()
         self._mode = self._drain
         _close(self.dst)

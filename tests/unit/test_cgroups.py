@@ -162,6 +162,81 @@ def test_v2_stats_from_files(tmp_path):
     assert v2.Metrics.parse(bytes(m)).memory.usage == 12288
 
 
+def reads(monkeypatch) -> list[str]:
+    """The cgroup files read from now on, by name."""
+    names = []
+    read = cgroups._read
+
+    def recording(directory, name):
+        names.append(name)
+        return read(directory, name)
+
+    monkeypatch.setattr(cgroups, "_read", recording)
+    return names
+
+
+def test_v1_describe_reads_only_what_it_shows(tmp_path, monkeypatch):
+    write_tree(tmp_path, {
+        "cpuacct/cpuacct.usage": "3000000\n",
+        "memory/memory.usage_in_bytes": "1622016\n",
+        "memory/memory.limit_in_bytes": "33554432\n",
+        "memory/memory.stat": MEMORY_STAT_V1,
+        "pids/pids.current": "2\n",
+    })
+    directories = {c: str(tmp_path / c) for c in ("cpu", "cpuacct", "memory", "pids")}
+    names = reads(monkeypatch)
+    assert cgroups.CgroupV1(directories, path="/default/web").describe() == {
+        "version": 1, "path": "/default/web", "directories": directories, "memory_bytes": 1622016,
+        "memory_limit_bytes": 33554432, "pids": 2, "cpu_usage_ns": 3000000,
+    }
+    assert sorted(names) == ["cpuacct.usage", "memory.limit_in_bytes", "memory.usage_in_bytes", "pids.current"]
+
+
+def test_v1_describe_unlimited_and_missing_controllers(tmp_path):
+    # The kernel's "no limit" is LONG_MAX rounded down to a page (4 KiB and 64 KiB pages).
+    for unlimited in ("9223372036854771712\n", "9223372036854710272\n"):
+        write_tree(tmp_path, {"memory/memory.limit_in_bytes": unlimited})
+        described = cgroups.CgroupV1({"memory": str(tmp_path / "memory")}).describe()
+        assert described["memory_limit_bytes"] is None
+    described = cgroups.CgroupV1({"memory": str(tmp_path / "gone")}).describe()
+    assert described == {"version": 1, "path": None, "directories": {"memory": str(tmp_path / "gone")},
+                         "memory_bytes": None, "memory_limit_bytes": None, "pids": None, "cpu_usage_ns": None}
+
+
+def test_v2_describe_reads_only_what_it_shows(tmp_path, monkeypatch):
+    write_tree(tmp_path, {
+        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+        "memory.current": "12288\n",
+        "memory.max": "1048576\n",
+        "memory.stat": "anon 4096\n",
+        "pids.current": "1\n",
+    })
+    names = reads(monkeypatch)
+    assert cgroups.CgroupV2(str(tmp_path), path="/default/web").describe() == {
+        "version": 2, "path": "/default/web", "directory": str(tmp_path), "memory_bytes": 12288,
+        "memory_limit_bytes": 1048576, "pids": 1, "cpu_usage_ns": 1_500_000,
+    }
+    assert sorted(names) == ["cpu.stat", "memory.current", "memory.max", "pids.current"]
+
+
+def test_v2_describe_unlimited_and_missing_files(tmp_path):
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "cpu.stat").write_text("nr_periods 0\n")  # no usage_usec: unknown, not 0
+    assert cgroups.CgroupV2(str(tmp_path)).describe() == {
+        "version": 2, "path": None, "directory": str(tmp_path), "memory_bytes": None,
+        "memory_limit_bytes": None, "pids": None, "cpu_usage_ns": None,
+    }
+
+
+def test_load_knows_the_cgroup_path():
+    cgroup = cgroups.load(os.getpid())
+    with open("/proc/self/cgroup") as f:
+        paths = cgroups.parse_proc_cgroup(f.read())
+    assert cgroup.path == (paths[""] if isinstance(cgroup, cgroups.CgroupV2) else paths.get("memory", cgroup.path))
+    assert cgroup.path in paths.values()
+    assert cgroup.describe()["path"] == cgroup.path
+
+
 def test_parse_psi():
     psi = cgroups.parse_psi("some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\n"
                             "full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")

@@ -228,3 +228,47 @@ async def test_a_handler_that_cannot_be_loaded(h, monkeypatch):
         hooks_module.load_handler("no-colon", {})
     with pytest.raises(hooks_module.TtrpcError, match="not a shim.handler.Handler subclass"):
         hooks_module.load_handler("json:JSONDecoder", {})
+
+
+class Gated(Handler):
+    """Its `started` waits for the test to open `gate`."""
+
+    gate: asyncio.Event
+
+    async def started(self, container, process):
+        await self.gate.wait()
+
+    async def deleted(self, container):
+        pass
+
+    def runtime(self, container, default):
+        return default
+
+
+class GatedAndRefusing(Gated):
+    async def create(self, container):
+        raise Refused("no")
+
+
+async def test_describe_shows_the_handler_its_hooks_and_its_queue():
+    from shim.framework.handler_api import ContainerInfo, ProcessInfo
+
+    handler = Gated({})
+    handler.gate = asyncio.Event()
+    runner = hooks_module.HandlerRunner(handler, "test_handler:Gated", ContainerInfo("c1", "ns", "/b", {}))
+    assert runner.describe() == {
+        "name": "test_handler:Gated", "class": "test_handler.Gated", "notifications_queued": 0,
+        "notification_running": None, "hooks": ["started", "deleted", "runtime"],
+    }
+    inherited = hooks_module.HandlerRunner(GatedAndRefusing({}), "m:C", ContainerInfo("c2", "ns", "/b", {}))
+    assert inherited.describe()["hooks"] == ["create", "started", "deleted", "runtime"]
+    process = ProcessInfo("c1", "", {})
+    runner.post("started", process)
+    worker = runner.post("deleted")
+    await asyncio.sleep(0.01)  # the worker took `started` and waits in it
+    described = runner.describe()
+    assert (described["notification_running"], described["notifications_queued"]) == ("started", 1)
+    handler.gate.set()
+    await asyncio.wait_for(worker, 5)
+    described = runner.describe()
+    assert (described["notification_running"], described["notifications_queued"]) == (None, 0)
