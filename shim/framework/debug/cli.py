@@ -178,6 +178,10 @@ def _duration(seconds) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def _exit(process: dict) -> str:
     status = process.get("exit_status")
     return "-" if status is None else str(status)
@@ -251,32 +255,44 @@ def format_inspect(c: dict) -> str:
     runtime = c.get("runtime") or {}
     lines.append(f"  runtime     {runtime.get('binary') or runtime.get('type')}  root {runtime.get('root') or '-'}")
     cgroup = c.get("cgroup")
-    if cgroup:
-        if "path" in cgroup:
-            limit = cgroup.get("memory_limit_bytes")
-            lines.append(
-                f"  cgroup      v{cgroup.get('version')} {cgroup.get('path')}: memory {_size(cgroup.get('memory_bytes'))}"
-                f" (limit {_size(limit) if limit is not None else 'none'}), pids {cgroup.get('pids', '-')},"
-                f" cpu {(cgroup.get('cpu_usage_ns') or 0) / 1e9:.2f}s"
-            )
-        else:
-            lines.append(f"  cgroup      {cgroup}")
+    if cgroup and "version" in cgroup:
+        limit = cgroup.get("memory_limit_bytes")
+        cpu = cgroup.get("cpu_usage_ns")
+        lines.append(
+            f"  cgroup      v{cgroup.get('version')} {cgroup.get('path') or '-'}: memory {_size(cgroup.get('memory_bytes'))}"
+            f" (limit {_size(limit) if limit is not None else 'none'}), pids {_or_dash(cgroup.get('pids'))},"
+            f" cpu {'-' if cpu is None else f'{cpu / 1e9:.2f}s'}"
+        )
+    elif cgroup:
+        lines.append(f"  cgroup      {cgroup}")
+    else:
+        lines.append("  cgroup      - (none loaded)")
     handler = c.get("handler")
-    lines.append(f"  handler     {handler.get('name') or handler.get('class') or handler if handler else '-'}")
+    if handler:
+        hooks = ", ".join(handler.get("hooks") or ()) or "none"
+        running = f", running {handler['notification_running']}" if handler.get("notification_running") else ""
+        lines.append(f"  handler     {handler.get('name') or handler.get('class')} ({handler.get('class')}; hooks: {hooks};"
+                     f" {handler.get('notifications_queued', 0)} notification(s) queued{running})")
+    else:
+        lines.append("  handler     -")
     lines.append("  processes")
     for process in c.get("processes", ()):
         name = "init" if process.get("id") == c.get("id") else f"exec {process.get('id')}"
         tty = ", tty" if process.get("terminal") else ""
         lines.append(f"    {name}: pid {process.get('pid')}, {process.get('status')}, exit {_exit(process)}{tty}")
         stdio = process.get("stdio") or {}
-        for stream in ("stdin", "stdout", "stderr"):
-            if stdio.get(stream):
+        for stream in ("stdin", "stdout", "stderr") if not process.get("pumps") else ():
+            if stdio.get(stream):  # the pumps below name them when there are any
                 lines.append(f"      {stream:<6} {stdio[stream]}")
         for pump in process.get("pumps", ()):
+            if pump.get("stream") == "logger":
+                lines.append(f"      logger pid {_or_dash(pump.get('pid'))}, {pump.get('state')}: {' '.join(pump.get('argv') or ())}")
+                continue
             blocked = ""
             if pump.get("blocked_since"):
-                blocked = f", blocked for {pump.get('blocked_for_s', 0):.1f}s"
-            lines.append(f"      pump {pump.get('stream')}: {pump.get('bytes', 0)} bytes, {pump.get('state')}{blocked}")
+                blocked = f" for {pump.get('blocked_for_s') or 0:.1f}s"
+            lines.append(f"      copy {pump.get('stream')}: {pump.get('source')} -> {pump.get('target')},"
+                         f" {_or_dash(pump.get('bytes'))} bytes, {pump.get('state')}{blocked}")
     running = c.get("commands_running") or []
     commands = c.get("commands") or []
     lines.append(f"  last commands ({len(commands)} kept, {len(running)} running)")
