@@ -325,7 +325,8 @@ def format_record(daemon_pid: int, record: dict) -> str:
         service = record.get("service", "").removeprefix("containerd.")
         text = f"{service}/{record.get('method')} {ids} {status} {record.get('ms', 0):.1f}ms"
     elif kind == "command":
-        text = f"{record.get('command')} {ids} pid={record.get('pid')} exit={record.get('exit_code')} {record.get('ms', 0):.1f}ms"
+        program = os.path.basename((record.get("argv") or [""])[0])
+        text = f"{program} {record.get('command')} {ids} pid={record.get('pid')} exit={record.get('exit_code')} {record.get('ms', 0):.1f}ms"
         if record.get("stderr"):
             text += f" stderr={record['stderr']!r}"
     elif kind == "event":

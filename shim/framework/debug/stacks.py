@@ -39,8 +39,8 @@ def _await_chain(awaitable: object) -> tuple[list[dict], str]:
         if following is None:
             break
         current = following
-    waiting_on = "" if current is awaitable and frames else _describe_awaitable(current)
-    return frames, waiting_on
+    leaf = None if current is awaitable and frames else current
+    return frames, _describe_awaitable(leaf)
 
 
 def _describe_awaitable(awaitable: object) -> str:
@@ -48,11 +48,10 @@ def _describe_awaitable(awaitable: object) -> str:
         return ""
     if isinstance(awaitable, asyncio.Task):
         return f"task {awaitable.get_name()}"
-    if isinstance(awaitable, asyncio.Future):
-        return ""  # a bare future: the innermost frame (Event.wait, Queue.get...) says more
-    if getattr(awaitable, "cr_frame", None) is not None or getattr(awaitable, "gi_frame", None) is not None:
-        return ""  # a coroutine still running its own code: its frame is the last line
-    return type(awaitable).__name__
+    # A bare future (or its __await__ iterator) says less than the innermost frame awaiting
+    # it (Event.wait, Queue.get...); a coroutine still running its own code has its frame.
+    return ""
+
 
 
 def _task(task: asyncio.Task) -> dict:
