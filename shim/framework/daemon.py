@@ -153,6 +153,7 @@ async def _serve(flags, listener: socket.socket) -> None:
     from shim.framework.service import TaskService
 
     loop = asyncio.get_running_loop()
+    asyncio.current_task().set_name("daemon")
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -170,8 +171,9 @@ async def _serve(flags, listener: socket.socket) -> None:
     loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
     try:
         async with asyncio.TaskGroup() as tasks:
-            publishing = tasks.create_task(publisher.run())
-            exits = tasks.create_task(service.handle_exits(reaper.subscribe()))
+            # Named for `pyshim stacks`.
+            publishing = tasks.create_task(publisher.run(), name="event publisher")
+            exits = tasks.create_task(service.handle_exits(reaper.subscribe()), name="exit router")
             await stop.wait()
             log.debug("shutting down")
             await server.close()

@@ -175,6 +175,7 @@ class TaskService:
 
         TASK_ID.set(process.container_id)  # a task of its own: its log lines name the container
         TRACER.exit(process.container_id, process.exec_id, exit_.pid, exit_.status)
+        asyncio.current_task().set_name(f"exit of {process.id} in {process.container_id}")
         container = self.containers.get(process.container_id)
         if container is not None and process is container.init:
             if container.starting_execs:
@@ -771,6 +772,8 @@ def _for_its_task(handler):
     async def for_its_task(request, ctx):
         container_id = getattr(request, "id", "") or ""
         TASK_ID.set(container_id)  # this request's own asyncio task
+        method = getattr(ctx, "method", "")  # tests call handlers without a context
+        asyncio.current_task().set_name(f"{method} {container_id}")  # for `pyshim stacks`
         if not TRACER.sinks and not log.isEnabledFor(logging.DEBUG):
             return await handler(request, ctx)
         started = time.monotonic()
@@ -789,8 +792,9 @@ def _for_its_task(handler):
         finally:
             seconds = time.monotonic() - started
             exec_id = getattr(request, "exec_id", "") or ""
-            TRACER.request(ctx.service, ctx.method, container_id, exec_id, code, message, seconds)
-            log.debug("%s %s id=%s exec_id=%s: %s%s (%.1f ms)", ctx.service, ctx.method, container_id, exec_id,
+            service = getattr(ctx, "service", "")
+            TRACER.request(service, method, container_id, exec_id, code, message, seconds)
+            log.debug("%s %s id=%s exec_id=%s: %s%s (%.1f ms)", service, method, container_id, exec_id,
                       code, f" {message}" if message else "", seconds * 1000)
 
     return for_its_task
