@@ -68,7 +68,7 @@ def parse_request(line: bytes) -> Request:
     """One request line (without its newline) as a Request; WireError says what is wrong."""
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # `[[[[...` deeper than json can go fits in a line
         raise WireError("request is not a JSON line") from None
     if not isinstance(obj, dict):
         raise WireError("request must be a JSON object")
@@ -150,7 +150,7 @@ class ReplyReader:
 def parse_reply(line: bytes) -> dict:
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise WireError("reply is not a JSON line") from None
     if not isinstance(obj, dict) or not ({"ok", "record"} & obj.keys()):
         raise WireError("reply is not a debug protocol message")
