@@ -297,11 +297,11 @@ def format_inspect(c: dict) -> str:
     commands = c.get("commands") or []
     lines.append(f"  last commands ({len(commands)} kept, {len(running)} running)")
     for command in running:  # the whole command line: this is what a stuck request waits on
-        lines.append(f"    {command.get('command'):<10} RUNNING for {command.get('running_for_ms', 0) / 1000:.1f}s,"
+        lines.append(f"    {_or_dash(command.get('command')):<10} RUNNING for {command.get('running_for_ms', 0) / 1000:.1f}s,"
                      f" pid {command.get('pid')}: {' '.join(command.get('argv', ()))}")
     for command in commands:  # the command lines are in --json
         when = time.strftime("%H:%M:%S", time.localtime(command.get("started", 0)))
-        lines.append(f"    {command.get('command'):<10} {when}  exit {command.get('exit_code')}  {command.get('ms', 0):.1f}ms")
+        lines.append(f"    {_or_dash(command.get('command')):<10} {when}  exit {command.get('exit_code')}  {command.get('ms', 0):.1f}ms")
         if command.get("stderr"):
             lines.append(f"      stderr: {command['stderr']}")
     events = c.get("events_pending") or []
@@ -319,7 +319,7 @@ def format_record(daemon_pid: int, record: dict) -> str:
     if record.get("exec_id"):
         ids += f" exec={record['exec_id']}"
     if kind == "request":
-        status = record.get("status")
+        status = _or_dash(record.get("status"))
         if record.get("message"):
             status += f" ({record['message']})"
         service = record.get("service", "").removeprefix("containerd.")
