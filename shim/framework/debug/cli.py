@@ -120,7 +120,7 @@ def find_daemon(directory: str, container_id: str, namespace: str) -> dict:
     """The daemon serving container_id (in namespace, when given)."""
     daemons, problems = all_daemons(directory)
     found = [
-        d for d in daemons
+        (d, task.get("namespace", "")) for d in daemons
         for task in d.get("tasks", ())
         if task.get("id") == container_id and (not namespace or task.get("namespace") == namespace)
     ]
@@ -129,9 +129,10 @@ def find_daemon(directory: str, container_id: str, namespace: str) -> dict:
         where = f" in namespace {namespace}" if namespace else ""
         raise CommandError(f"no pyshim daemon serves container {container_id}{where}{detail}")
     if len(found) > 1:
-        namespaces = ", ".join(sorted({d.get("namespace", "") for d in found}))
+        # The tasks' namespaces: one daemon may serve a group's containers of several.
+        namespaces = ", ".join(sorted({task_namespace for _, task_namespace in found}))
         raise CommandError(f"container {container_id} is in several namespaces ({namespaces}): pick one with -n")
-    return found[0]
+    return found[0][0]
 
 
 # -- process facts ---------------------------------------------------------------------------
