@@ -178,6 +178,9 @@ class _DebugConnection(asyncio.Protocol):
             self._reader.feed_eof()
         except WireError as exc:
             self._fail(str(exc))
+        # A trace ends when the client shuts down its side: that is how the daemon learns
+        # at once that a client went away (a half-open trace could only be found out by
+        # the next failing write).
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -233,7 +236,7 @@ class _DebugConnection(asyncio.Protocol):
         if self._refused:
             self.drop()
             return
-        self._fail(f"no request within {REQUEST_TIMEOUT:.0f}s")
+        self._fail(f"no request within {REQUEST_TIMEOUT:g}s")
 
     def _cancel_timer(self) -> None:
         if self._request_timer is not None:
