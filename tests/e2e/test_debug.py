@@ -16,7 +16,6 @@ through the `pyshim` command or the debug socket, as a user on the node would:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from containerd import REPO_ROOT
+from peers import exchange_as_nobody
 from waiting import wait_gone, wait_until
 
 PYSHIM = "io.containerd.pyshim.v2"
@@ -279,56 +279,12 @@ def test_state_answers_while_tracing_and_20_execs_run(e2e):
     remove(e2e, cid)
 
 
-def _connect_as_nobody(path: str, keep_fs_root: bool) -> str:
-    """Connect to a debug socket from a child whose uid is nobody's; what happened, as text.
-
-    keep_fs_root: the child's filesystem uid stays root, so the file modes let it reach the
-    socket and only the daemon's peer-credential check stands in the way."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            os.close(r)
-            libc = ctypes.CDLL(None, use_errno=True)
-            os.setresgid(65534, 65534, 0)
-            os.setresuid(65534, 65534, 0)
-            if keep_fs_root:
-                libc.setfsuid(0)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            try:
-                s.connect(path)
-            except PermissionError:
-                os.write(w, b"EACCES")
-                os._exit(0)
-            try:
-                s.sendall(b'{"op":"ls"}\n')
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-            os.write(w, reply[:300] or b"closed")
-            code = 0
-        except BaseException as exc:
-            os.write(w, repr(exc).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    _, status = os.waitpid(child, 0)
-    outcome = os.read(r, 400).decode()
-    os.close(r)
-    assert os.waitstatus_to_exitcode(status) == 0, outcome
-    return outcome
-
-
 def test_only_root_may_use_the_debug_socket(e2e):
     cid = e2e.new_id()
     run_d(e2e, cid)
     path = daemon_of(e2e.namespace, cid)["debug_socket"]
-    assert _connect_as_nobody(path, keep_fs_root=False) == "EACCES"  # 0600 in a 0700 directory
-    refused = _connect_as_nobody(path, keep_fs_root=True)
+    assert exchange_as_nobody(path, b'{"op":"ls"}\n', keep_fs_root=False) == "EACCES"  # 0600, in 0700
+    refused = exchange_as_nobody(path, b'{"op":"ls"}\n')
     assert "permission denied" in refused and '"tasks"' not in refused, refused
     assert daemon_of(e2e.namespace, cid)["tasks"][0]["status"] == "running"
     remove(e2e, cid)

@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import socket
 import struct
 import uuid
 from pathlib import Path
 
 from containerd import IMAGE_REF
+from peers import exchange_as_nobody
 from test_restart import ctr, daemons, tasks
 from waiting import wait_gone, wait_until
 
@@ -103,39 +102,9 @@ def test_a_peer_with_another_uid_is_refused(own_containerd):
     c = own_containerd
     run_d(c, "guarded").check()
     path = c.shim_socket_address(c.ns, "guarded").removeprefix("unix://")
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        # A process whose effective uid is nobody's -- what SO_PEERCRED reports -- but whose
-        # filesystem uid stays root, so that it can reach the socket in the 0700 directory
-        # (only the shim's own check stands between it and the Task API).
-        code = 1
-        try:
-            os.close(r)
-            libc = ctypes.CDLL(None, use_errno=True)
-            os.setresgid(65534, 65534, 0)
-            os.setresuid(65534, 65534, 0)
-            libc.setfsuid(0)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(path)
-            payload = b"\x0a\x17containerd.task.v2.Task\x12\x07Connect"
-            try:  # the daemon may close before the request is even sent
-                s.sendall(struct.pack(">IIBB", len(payload), 1, 1, 0) + payload)
-                reply = s.recv(100)
-            except (BrokenPipeError, ConnectionResetError):
-                reply = b""
-            os.write(w, b"closed" if reply == b"" else b"answered " + reply)
-            code = 0
-        except BaseException as exc:
-            os.write(w, repr(exc).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    _, status = os.waitpid(child, 0)
-    outcome = os.read(r, 300)
-    os.close(r)
-    assert os.waitstatus_to_exitcode(status) == 0 and outcome == b"closed", outcome
+    payload = b"\x0a\x17containerd.task.v2.Task\x12\x07Connect"
+    outcome = exchange_as_nobody(path, struct.pack(">IIBB", len(payload), 1, 1, 0) + payload)
+    assert outcome == "closed", outcome
     assert tasks(c).get("guarded") == "RUNNING"  # and the daemon serves containerd on
     stop_and_remove(c, "guarded")
     wait_gone(lambda: daemons(c), 20, "the shim to exit")

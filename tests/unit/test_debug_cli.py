@@ -21,11 +21,12 @@ import pytest
 
 from shim.framework.container import Container, ContainerRegistry
 from shim.framework.debug import cli
-from shim.framework.debug import server as server_module
 from shim.framework.debug.cli import CommandError, all_daemons, find_daemon, format_inspect, format_ls, format_record
 from shim.framework.debug.server import Daemon, DebugServer
 from shim.framework.debug.trace import TRACER
 from shim.framework.process import InitProcess, Running, Stdio
+
+pytestmark = pytest.mark.usefixtures("no_trace_sinks_left")
 
 # -- format_ls -------------------------------------------------------------------------------
 
@@ -200,19 +201,8 @@ def stand_in_service(namespace: str, tmp_path, tasks: dict[tuple[str, str], int]
     return service
 
 
-@pytest.fixture(autouse=True)
-def no_trace_sinks_left():
-    yield
-    left = list(TRACER.sinks)
-    TRACER.sinks.clear()
-    assert left == []
 
 
-@pytest.fixture
-def debug_dir(tmp_path, monkeypatch):
-    directory = tmp_path / "debug"
-    monkeypatch.setattr(server_module, "DEBUG_DIR", str(directory))
-    return directory
 
 
 @pytest.fixture

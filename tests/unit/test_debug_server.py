@@ -9,7 +9,6 @@ sees exactly the lines the daemon sent before it closed.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import socket
@@ -25,6 +24,8 @@ from shim.framework.debug.server import Daemon, DebugServer
 from shim.framework.debug.trace import TRACER
 from shim.framework.debug.wire import MAX_REQUEST_LINE, ReplyReader, Request
 from shim.framework.process import ExecProcess, InitProcess, Running, Stdio
+
+pytestmark = pytest.mark.usefixtures("no_trace_sinks_left")
 
 NAMESPACE = "pyshim-unit"
 
@@ -58,20 +59,8 @@ def add_container(service, bundle: str, container_id: str, pid: int, *, execs: d
     return container
 
 
-@pytest.fixture(autouse=True)
-def no_trace_sinks_left():
-    """Every test ends with the global tracer detached from every client."""
-    yield
-    left = list(TRACER.sinks)
-    TRACER.sinks.clear()
-    assert left == []
 
 
-@pytest.fixture
-def debug_dir(tmp_path, monkeypatch):
-    directory = tmp_path / "debug"
-    monkeypatch.setattr(server_module, "DEBUG_DIR", str(directory))
-    return directory
 
 
 @pytest.fixture
@@ -385,43 +374,7 @@ def test_allowed_is_root_or_the_daemons_user():
     assert not DebugServer.allowed(65534) or os.geteuid() == 65534
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another uid")
-async def test_a_peer_with_another_uid_is_refused(server):
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork, not in the child
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        # SO_PEERCRED reports nobody's uid; the filesystem uid stays root so that the child
-        # can reach the 0600 socket (only the daemon's own check stands in its way).
-        code = 1
-        try:
-            os.close(r)
-            os.setresgid(65534, 65534, 0)
-            os.setresuid(65534, 65534, 0)
-            libc.setfsuid(0)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(server.path)
-            s.sendall(b'{"op":"ls"}\n')
-            received = b""
-            while chunk := s.recv(4096):
-                received += chunk
-            os.write(w, received)
-            code = 0
-        except BaseException as exc:
-            os.write(w, repr(exc).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        _, status = await asyncio.to_thread(os.waitpid, child, 0)
-        received = os.read(r, 4096)
-    finally:
-        os.close(r)
-    assert os.waitstatus_to_exitcode(status) == 0, received
-    assert ReplyReader().feed(received) == [
-        {"ok": False, "error": "permission denied: only root or the daemon's user may connect"}]
-    assert (await ask(server.path, Request("ls")))["ok"]
+# A real peer with another uid: tests/e2e/test_debug.py::test_only_root_may_use_the_debug_socket.
 
 
 # -- trace -----------------------------------------------------------------------------------
