@@ -26,6 +26,8 @@ import time  # noqa: E402
 log = logging.getLogger("shim")
 
 PR_SET_CHILD_SUBREAPER = 36
+#: Seconds between looks of a dense daemon waiting for a newcomer's Create before it exits.
+DENSE_RECHECK = 1.0
 
 
 class FifoLogHandler(logging.Handler):
@@ -162,7 +164,26 @@ async def _serve(flags, listener: socket.socket) -> None:
     reaper = Reaper()
     reaper.start()
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    service = TaskService(flags.namespace, publisher, reaper, on_shutdown=stop.set)  # the installed app
+    from shim.framework.start import DENSE_ENV
+
+    dense_dir = os.environ.get(DENSE_ENV, "")
+
+    def leave() -> None:
+        """No container left: exit, unless this is a dense daemon a start has just given
+        another container to (its Create is on the way; look again in a moment)."""
+        if not dense_dir:
+            stop.set()
+            return
+        from shim.framework.dense import may_exit
+
+        if service.containers:
+            return  # the newcomer's Create came meanwhile
+        if may_exit(dense_dir, socket_path, service.served_ids):
+            stop.set()
+        else:
+            loop.call_later(DENSE_RECHECK, leave)
+
+    service = TaskService(flags.namespace, publisher, reaper, on_shutdown=leave)  # the installed app
     server = _task_api_server()
     service.register(server)
     await server.start(sock=listener)

@@ -1,4 +1,5 @@
-"""Where the daemon runs: the cgroup named by the runtime options' shim_cgroup.
+"""Where the daemon runs: the cgroup named by the runtime options' shim_cgroup, and how many
+containers share it (ContainersPerDaemon, shim.framework.dense).
 
 containerd passes the runtime options to `start` on stdin (a google.protobuf.Any: runc
 Options, or CRI's runtimeoptions.v1 TOML). Like the Go shim, `start` moves the new daemon
@@ -20,14 +21,27 @@ class PlacementError(Exception):
     pass
 
 
-def shim_cgroup_of(options: bytes) -> str:
-    """The shim_cgroup asked for by the runtime options `start` read from stdin ('' if none).
+class StartOptions:
+    """What `start` itself acts on in the runtime options."""
 
-    Options that cannot be read are ignored here, as containerd 1.7+'s runc shim does; Create
-    reports them to the user.
+    __slots__ = ("shim_cgroup", "containers_per_daemon")
+
+    def __init__(self, shim_cgroup: str = "", containers_per_daemon: int = 1) -> None:
+        self.shim_cgroup = shim_cgroup
+        #: How many containers (of one namespace) one daemon may serve: 1 is a daemon per
+        #: container or pod; more is the dense mode (shim.framework.dense).
+        self.containers_per_daemon = containers_per_daemon
+
+
+def start_options_of(options: bytes) -> StartOptions:
+    """ShimCgroup and ContainersPerDaemon from the runtime options `start` read from stdin.
+
+    Options that cannot be read are ignored here, as containerd 1.7+'s runc shim does (Create
+    reports them to the user), except a ContainersPerDaemon that is not a positive integer:
+    PlacementError, since guessing would put containers where the operator did not ask.
     """
     if not options:
-        return ""
+        return StartOptions()
     from shim.framework.ttrpc.wire import MalformedMessage, string_fields
 
     try:
@@ -35,31 +49,42 @@ def shim_cgroup_of(options: bytes) -> str:
         type_url = any_fields.get(1, b"").decode().rpartition("/")[2]
         value = any_fields.get(2, b"")
         if type_url == "containerd.runc.v1.Options":
-            return string_fields(value).get(3, b"").decode()  # field 3: shim_cgroup
+            return StartOptions(string_fields(value).get(3, b"").decode())  # field 3: shim_cgroup
         if type_url == "runtimeoptions.v1.Options":
             config = string_fields(value)  # 2: config_path, 3: config_body
             path = config.get(2, b"").decode()
             if path:
                 with open(path, "rb") as f:
-                    return _shim_cgroup_in_toml(f.read())
-            return _shim_cgroup_in_toml(config.get(3, b""))
+                    return _start_options_in_toml(f.read())
+            return _start_options_in_toml(config.get(3, b""))
     except (MalformedMessage, UnicodeDecodeError, OSError, ValueError):
-        return ""
-    return ""
+        return StartOptions()
+    return StartOptions()
 
 
-def _shim_cgroup_in_toml(data: bytes) -> str:
-    """The ShimCgroup key of a runtime options TOML table (any spelling of its case and
-    underscores, as the options are read), "" without one."""
+def shim_cgroup_of(options: bytes) -> str:
+    """The shim_cgroup asked for by the runtime options ('' if none)."""
+    return start_options_of(options).shim_cgroup
+
+
+def _start_options_in_toml(data: bytes) -> StartOptions:
+    """The ShimCgroup and ContainersPerDaemon keys of a runtime options TOML table (any
+    spelling of their case and underscores, as the options are read)."""
     import tomllib
 
     table = tomllib.loads(data.decode())
+    found = StartOptions()
     for key, value in table.items():
-        if key.lower().replace("_", "") == "shimcgroup":
+        name = key.lower().replace("_", "")
+        if name == "shimcgroup":
             if not isinstance(value, str):
                 raise ValueError(f"ShimCgroup must be a str, not {value!r}")
-            return value
-    return ""
+            found.shim_cgroup = value
+        elif name == "containersperdaemon":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlacementError(f"ContainersPerDaemon must be a positive integer, not {value!r}")
+            found.containers_per_daemon = value
+    return found
 
 
 def join_cgroup(pid: int, cgroup: str, *, root: str = CGROUP_ROOT, mountinfo: str | None = None) -> list[str]:

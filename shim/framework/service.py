@@ -92,6 +92,9 @@ class TaskService:
         self.default_handler = default_handler or ""
         #: The containers this daemon serves, by (namespace, id).
         self.containers = ContainerRegistry(namespace)
+        #: Ids of every container created here (a dense daemon tells its own deleted ones'
+        #: bundles from newcomers' at exit: shim.framework.dense.may_exit).
+        self.served_ids: set[str] = set()
         #: Handlers' notification workers still running (waited for at close).
         self._hook_workers: set[asyncio.Task] = set()
         #: Reaped exits to processes, held while a process is starting (rules 1 and 2).
@@ -356,6 +359,7 @@ class TaskService:
                 raise
             init.io = io
             self.containers.add(container)
+            self.served_ids.add(container.id)
             if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
                 start.running(read_pid_file(init.pid_file))
                 self._load_cgroup(container)  # now: an OOM right after create must not be missed

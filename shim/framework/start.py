@@ -127,12 +127,11 @@ def adjust_oom_score(pid: int) -> None:
         pass
 
 
-def _place(pid: int, options: bytes, address: str) -> bool:
+def _place(pid: int, cgroup: str, address: str) -> bool:
     """Move the new daemon into the options' shim_cgroup; on failure stop it again and say
     why (containerd shows start's output as the error)."""
-    from shim.framework.placement import PlacementError, join_cgroup, shim_cgroup_of
+    from shim.framework.placement import PlacementError, join_cgroup
 
-    cgroup = shim_cgroup_of(options)
     if not cgroup:
         return True
     try:
@@ -165,6 +164,23 @@ def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
     return fields.get(1) == task_id.encode() and fields.get(2) == namespace.encode()
 
 
+#: Set for a dense daemon (shim.framework.dense): its namespace's bundle directory.
+DENSE_ENV = "PYSHIM_DENSE_NAMESPACE_DIR"
+
+
+def _dense_seat(flags, bundle: str, group: str, capacity: int, grpc: bool) -> tuple[str, socket.socket | None]:
+    """ContainersPerDaemon > 1: the seat's address, and its new listening socket unless a
+    live daemon serves it (bound or joined under the namespace's lock)."""
+    from shim.framework.dense import SEAT_GROUP, placed
+
+    def seat_address(seat: int) -> str:
+        return socket_address(flags.address, flags.namespace, SEAT_GROUP.format(seat), grpc=grpc)
+
+    os.environ[DENSE_ENV] = os.path.dirname(bundle)  # the daemon we may fork learns it is dense
+    with placed(bundle, flags.id, group, capacity, seat_address) as address:
+        return address, bind_or_find(address)
+
+
 def start(flags) -> int:
     bundle = os.getcwd()
     try:
@@ -176,10 +192,18 @@ def start(flags) -> int:
 
     protocol = choose(os.environ, containerd_binary(flags.publish_binary), bootstrap)
     protocol.export(os.environ)  # before the daemon is forked: it serves what we announce
+    from shim.framework.placement import PlacementError, StartOptions, start_options_of
+
     try:
-        address = socket_address(flags.address, flags.namespace, group_id(bundle, flags.id), grpc=protocol.grpc)
-        listener = bind_or_find(address)
-    except (OSError, ValueError) as exc:
+        options = StartOptions() if bootstrap else start_options_of(stdin_data)
+        group = group_id(bundle, flags.id)
+        if options.containers_per_daemon > 1:
+            address, listener = _dense_seat(flags, bundle, group, options.containers_per_daemon, protocol.grpc)
+        else:
+            os.environ.pop(DENSE_ENV, None)
+            address = socket_address(flags.address, flags.namespace, group, grpc=protocol.grpc)
+            listener = bind_or_find(address)
+    except (OSError, ValueError, PlacementError) as exc:
         print(f"pyshim start: {exc}", file=sys.stderr)
         return 1
     if listener is not None:
@@ -192,7 +216,7 @@ def start(flags) -> int:
             if pid == 0:
                 _become_daemon(flags, listener)  # never returns
         listener.close()
-        if not bootstrap and not _place(pid, stdin_data, address):
+        if not _place(pid, options.shim_cgroup, address):
             return 1
         adjust_oom_score(pid)
     reply = protocol.reply(address)

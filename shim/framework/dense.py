@@ -1,0 +1,123 @@
+"""The dense mode: one daemon serves up to N containers of a namespace (ContainersPerDaemon = N).
+
+Without it a daemon serves one container, or one group (a pod: the containers that share a
+sandbox id or a group annotation). With it, groups are packed into numbered seats' daemons:
+daemon k of a namespace listens at the socket address of group `dense/<k>` (a name no
+container id can take: ids have no "/"), and a new group goes to the lowest k whose daemon
+serves fewer than N containers. A pod's later containers follow its first one (its bundle's
+`address`), so a pod is never split, even when that takes its daemon past N.
+
+Who is in which daemon is read from the bundles themselves: every container's bundle has the
+`address` file `start` writes. Starts of one namespace choose under an flock on the
+namespace's bundle directory, and each writes its own `address` before the lock goes, so two
+concurrent starts never both take the last seat. A bundle stays until containerd has deleted
+its task, so a seat is free again only once its container is really gone.
+
+The price is the blast radius: if that daemon dies, every container in it is reported as
+containerd reports a dead shim (each one's `delete` answers its recorded exit status, or 137),
+which N bounds. See README "Dense mode".
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+
+#: The group name of seat k (the socket address is hashed from it as from any group id).
+SEAT_GROUP = "dense/{}"
+
+
+def _address_of(bundle: str) -> str:
+    """The socket address a bundle's container was given ("" when none is recorded): the
+    plain address, or the one inside a gRPC reply."""
+    try:
+        with open(os.path.join(bundle, "address")) as f:
+            text = f.read().strip()
+    except OSError:
+        return ""
+    if text.startswith("{"):
+        try:
+            return str(json.loads(text).get("address", ""))
+        except (ValueError, AttributeError):
+            return ""
+    return text
+
+
+def _normal(address: str) -> str:
+    return address.removeprefix("unix://")
+
+
+@contextlib.contextmanager
+def placed(bundle: str, task_id: str, group: str, capacity: int, seat_address) -> Iterator[str]:
+    """The address of the daemon this container goes to, recorded in its bundle; the
+    namespace's lock is held until the with block ends, so `start` binds or joins that daemon
+    before a leaving one can decide it has no newcomer (may_exit).
+
+    seat_address(k) is the socket address of seat k's daemon (in the protocol start chose).
+    `bundle` is the container's own; its siblings are the namespace's other containers.
+    """
+    namespace_dir = os.path.dirname(bundle)
+    lock = os.open(namespace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        leader = _address_of(os.path.join(namespace_dir, group)) if group != task_id else ""
+        if leader:  # a pod member: its sandbox (the group's first container) is placed already
+            address = leader
+        else:
+            served = collections.Counter()
+            own = os.path.basename(bundle)
+            with os.scandir(namespace_dir) as entries:
+                for entry in entries:
+                    if entry.name != own and entry.is_dir(follow_symlinks=False):
+                        found = _address_of(entry.path)
+                        if found:
+                            served[_normal(found)] += 1
+            seat = 0
+            while served[_normal(seat_address(seat))] >= capacity:
+                seat += 1
+            address = seat_address(seat)
+        _record(bundle, address)
+        yield address
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def may_exit(namespace_dir: str, socket_path: str, served_ids: set[str]) -> bool:
+    """Whether a dense daemon with no containers left may exit: not while a start has given
+    some container its address (a bundle that names it and was not one of its own), which
+    that container's Create will reach shortly.
+
+    Decided under the namespace's lock and, when yes, the socket is unlinked before the lock
+    goes: a start that comes later binds a new daemon at the same address instead of joining
+    one that is leaving.
+    """
+    lock = os.open(namespace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        present = set()
+        with os.scandir(namespace_dir) as entries:
+            for entry in entries:
+                present.add(entry.name)
+                if entry.name not in served_ids and entry.is_dir(follow_symlinks=False):
+                    if _normal(_address_of(entry.path)) == socket_path:
+                        return False
+        served_ids &= present  # bundles containerd has removed are not asked about again
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
+        return True
+    finally:
+        os.close(lock)
+
+
+def _record(bundle: str, address: str) -> None:
+    """Write the address the container is given into its bundle (start writes the final
+    reply over it later: for a gRPC shim, the JSON that announces the protocol)."""
+    from shim.framework.start import write_address
+
+    write_address(bundle, address)
