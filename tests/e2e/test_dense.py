@@ -193,19 +193,26 @@ def test_a_flooding_neighbour_does_not_hold_up_state_and_exec(e2e, tmp_path):
     started = time.monotonic()
     if daemon["protocol"] == "ttrpc":
         latencies = asyncio.run(_state_calls(daemon["socket"], quiet, 200, 1))
-    execs = []
+    # Exec in the flooder's daemon, and (for reference) in a daemon of its own: on a small
+    # machine the flood takes CPU from everything, shared daemon or not.
+    apart = e2e.new_id("apart")
+    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, apart, "sleep", "600", check=True)
+    execs = {quiet: [], apart: []}
     for n in range(5):
-        began = time.monotonic()
-        r = e2e.ctr("task", "exec", "--exec-id", f"e{n}", quiet, "true")
-        execs.append(time.monotonic() - began)
-        assert r.returncode == 0, r
+        for cid in execs:
+            began = time.monotonic()
+            r = e2e.ctr("task", "exec", "--exec-id", f"e{n}", cid, "true")
+            execs[cid].append(time.monotonic() - began)
+            assert r.returncode == 0, r
     copied = sink.stat().st_size
     print(f"while {copied >> 20} MiB flowed: State p50 {statistics.median(latencies) * 1e3:.2f} ms,"
           f" max {max(latencies) * 1e3:.1f} ms over {len(latencies)} calls; ctr task exec median"
-          f" {statistics.median(execs) * 1e3:.0f} ms (took {time.monotonic() - started:.1f}s)")
+          f" {statistics.median(execs[quiet]) * 1e3:.0f} ms in the flooder's daemon,"
+          f" {statistics.median(execs[apart]) * 1e3:.0f} ms in a daemon of its own"
+          f" (took {time.monotonic() - started:.1f}s)")
     # Loose on purpose (machines are noisy): a daemon monopolized by the flood would show seconds.
     assert max(latencies) < 1.0
-    for cid in (flood, quiet):
+    for cid in (flood, quiet, apart):
         remove(e2e, cid)
     sink.unlink()
 
