@@ -164,7 +164,7 @@ async def _serve(flags, listener: socket.socket) -> None:
     reaper = Reaper()
     reaper.start()
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    from shim.framework.start import DENSE_ENV
+    from shim.framework.dense import DENSE_ENV
 
     dense_dir = os.environ.get(DENSE_ENV, "")
 

@@ -27,6 +27,8 @@ import json
 import os
 from collections.abc import Iterator
 
+#: Set in the environment of a dense daemon (by start): its namespace's bundle directory.
+DENSE_ENV = "PYSHIM_DENSE_NAMESPACE_DIR"
 #: The group name of seat k (the socket address is hashed from it as from any group id).
 SEAT_GROUP = "dense/{}"
 
@@ -53,9 +55,10 @@ def _normal(address: str) -> str:
 
 @contextlib.contextmanager
 def placed(bundle: str, task_id: str, group: str, capacity: int, seat_address) -> Iterator[str]:
-    """The address of the daemon this container goes to, recorded in its bundle; the
-    namespace's lock is held until the with block ends, so `start` binds or joins that daemon
-    before a leaving one can decide it has no newcomer (may_exit).
+    """The address of the daemon this container goes to; the namespace's lock is held until
+    the with block ends, in which `start` must write it to the bundle's `address` (so that
+    the next start counts it) and bind or join that daemon (before a leaving one can decide
+    it has no newcomer: may_exit).
 
     seat_address(k) is the socket address of seat k's daemon (in the protocol start chose).
     `bundle` is the container's own; its siblings are the namespace's other containers.
@@ -80,7 +83,6 @@ def placed(bundle: str, task_id: str, group: str, capacity: int, seat_address) -
             while served[_normal(seat_address(seat))] >= capacity:
                 seat += 1
             address = seat_address(seat)
-        _record(bundle, address)
         yield address
     finally:
         os.close(lock)  # releases the flock
@@ -113,11 +115,3 @@ def may_exit(namespace_dir: str, socket_path: str, served_ids: set[str]) -> bool
         return True
     finally:
         os.close(lock)
-
-
-def _record(bundle: str, address: str) -> None:
-    """Write the address the container is given into its bundle (start writes the final
-    reply over it later: for a gRPC shim, the JSON that announces the protocol)."""
-    from shim.framework.start import write_address
-
-    write_address(bundle, address)

@@ -164,20 +164,17 @@ def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
     return fields.get(1) == task_id.encode() and fields.get(2) == namespace.encode()
 
 
-#: Set for a dense daemon (shim.framework.dense): its namespace's bundle directory.
-DENSE_ENV = "PYSHIM_DENSE_NAMESPACE_DIR"
-
-
 def _dense_seat(flags, bundle: str, group: str, capacity: int, grpc: bool) -> tuple[str, socket.socket | None]:
     """ContainersPerDaemon > 1: the seat's address, and its new listening socket unless a
     live daemon serves it (bound or joined under the namespace's lock)."""
-    from shim.framework.dense import SEAT_GROUP, placed
+    from shim.framework.dense import DENSE_ENV, SEAT_GROUP, placed
 
     def seat_address(seat: int) -> str:
         return socket_address(flags.address, flags.namespace, SEAT_GROUP.format(seat), grpc=grpc)
 
     os.environ[DENSE_ENV] = os.path.dirname(bundle)  # the daemon we may fork learns it is dense
     with placed(bundle, flags.id, group, capacity, seat_address) as address:
+        write_address(bundle, address)  # counted by the next start (the reply replaces it later)
         return address, bind_or_find(address)
 
 
@@ -200,7 +197,7 @@ def start(flags) -> int:
         if options.containers_per_daemon > 1:
             address, listener = _dense_seat(flags, bundle, group, options.containers_per_daemon, protocol.grpc)
         else:
-            os.environ.pop(DENSE_ENV, None)
+            os.environ.pop("PYSHIM_DENSE_NAMESPACE_DIR", None)  # shim.framework.dense.DENSE_ENV
             address = socket_address(flags.address, flags.namespace, group, grpc=protocol.grpc)
             listener = bind_or_find(address)
     except (OSError, ValueError, PlacementError) as exc:

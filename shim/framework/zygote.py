@@ -261,7 +261,7 @@ PRELOAD = (
     "asyncio", "ctypes", "json", "logging", "datetime", "tomllib", "resource",
     "shim.framework.events", "shim.framework.reaper", "shim.framework.service", "shim.framework.ttrpc.server", "shim.framework.ttrpc.client",
     "shim.api.services", "shim.framework.stdio", "shim.framework.console", "shim.framework.cgroups", "shim.framework.mount",
-    "shim.framework.container", "shim.framework.debug.server",
+    "shim.framework.container", "shim.framework.debug.server", "shim.framework.dense",
     "shim.framework.process", "shim.framework.app", "shim.framework.backend", "shim.api.containerd.events", "shim.api.containerd.task.v2",
     "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
     "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
