@@ -178,7 +178,7 @@ async def _serve(flags, listener: socket.socket) -> None:
 
         if service.containers:
             return  # the newcomer's Create came meanwhile
-        if may_exit(dense_dir, socket_path, service.served_ids):
+        if may_exit(dense_dir, socket_path, service.served_bundles):
             stop.set()
         else:
             loop.call_later(DENSE_RECHECK, leave)

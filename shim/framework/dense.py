@@ -88,10 +88,29 @@ def placed(bundle: str, task_id: str, group: str, capacity: int, seat_address) -
         os.close(lock)  # releases the flock
 
 
-def may_exit(namespace_dir: str, socket_path: str, served_ids: set[str]) -> bool:
+def bundle_identity(bundle: str) -> int:
+    """What tells a bundle directory from a later one of the same container id (containerd
+    lets an id be reused once the old bundle is removed): its inode, 0 when it cannot be read.
+
+    On the tmpfs of /run, where containerd keeps bundles, inode numbers are not reused; on a
+    disk filesystem a new directory can get a freed one, which narrows the race below
+    without closing it.
+    """
+    try:
+        return os.lstat(bundle).st_ino
+    except OSError:
+        return 0
+
+
+def may_exit(namespace_dir: str, socket_path: str, served: dict[str, int]) -> bool:
     """Whether a dense daemon with no containers left may exit: not while a start has given
     some container its address (a bundle that names it and was not one of its own), which
     that container's Create will reach shortly.
+
+    `served` maps the id of every container this daemon created to its bundle_identity: a
+    deleted container's bundle lingers until containerd removes it, and is not a newcomer;
+    a new bundle of a reused id is (matching the id alone would let the daemon exit under
+    a newcomer whose Create is on the way).
 
     Decided under the namespace's lock and, when yes, the socket is unlinked before the lock
     goes: a start that comes later binds a new daemon at the same address instead of joining
@@ -100,14 +119,18 @@ def may_exit(namespace_dir: str, socket_path: str, served_ids: set[str]) -> bool
     lock = os.open(namespace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        present = set()
+        own = set()
         with os.scandir(namespace_dir) as entries:
             for entry in entries:
-                present.add(entry.name)
-                if entry.name not in served_ids and entry.is_dir(follow_symlinks=False):
-                    if _normal(_address_of(entry.path)) == socket_path:
-                        return False
-        served_ids &= present  # bundles containerd has removed are not asked about again
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                # lstat, not the entry's d_ino: overlayfs may report another number there
+                if entry.name in served and served[entry.name] == bundle_identity(entry.path):
+                    own.add(entry.name)
+                elif _normal(_address_of(entry.path)) == socket_path:
+                    return False
+        for cid in served.keys() - own:
+            del served[cid]  # bundles containerd has removed are not asked about again
         try:
             os.unlink(socket_path)
         except OSError:

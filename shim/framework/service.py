@@ -36,6 +36,7 @@ from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
 from shim.framework.container import Container, ContainerRegistry
 from shim.framework.debug.trace import TRACER
+from shim.framework.dense import bundle_identity
 from shim.framework.exits import ExitRouter
 from shim.framework.process import Deleted, ExecProcess, InitProcess, Process, Running, Stdio, Stopped, read_pid_file
 from shim.framework.backend import NoSuchContainer, NotRunning, RuntimeFailure
@@ -92,9 +93,9 @@ class TaskService:
         self.default_handler = default_handler or ""
         #: The containers this daemon serves, by (namespace, id).
         self.containers = ContainerRegistry(namespace)
-        #: Ids of every container created here (a dense daemon tells its own deleted ones'
-        #: bundles from newcomers' at exit: shim.framework.dense.may_exit).
-        self.served_ids: set[str] = set()
+        #: Every container created here, id -> its bundle's identity (a dense daemon tells its
+        #: own deleted ones' bundles from newcomers' at exit: shim.framework.dense.may_exit).
+        self.served_bundles: dict[str, int] = {}
         #: Handlers' notification workers still running (waited for at close).
         self._hook_workers: set[asyncio.Task] = set()
         #: Reaped exits to processes, held while a process is starting (rules 1 and 2).
@@ -359,7 +360,7 @@ class TaskService:
                 raise
             init.io = io
             self.containers.add(container)
-            self.served_ids.add(container.id)
+            self.served_bundles[container.id] = bundle_identity(bundle)
             if init.restore is None:  # a restored init has no pid (nor cgroup) before Start
                 start.running(read_pid_file(init.pid_file))
                 self._load_cgroup(container)  # now: an OOM right after create must not be missed

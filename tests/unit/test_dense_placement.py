@@ -22,7 +22,7 @@ from shim.api.containerd.runc.v1 import Options
 from shim.api.google.protobuf import Any
 from shim.api.runtimeoptions.v1 import Options as ConfigOptions
 from shim.framework import start as start_module
-from shim.framework.dense import DENSE_ENV, may_exit, placed
+from shim.framework.dense import DENSE_ENV, bundle_identity, may_exit, placed
 from shim.framework.flags import Flags
 from shim.framework.placement import PlacementError, start_options_of
 
@@ -188,12 +188,17 @@ def sock(tmp_path):
     return path
 
 
+def served_by(ns, *cids: str) -> dict[str, int]:
+    """The daemon's record of the containers it created (service.served_bundles)."""
+    return {cid: bundle_identity(str(ns / cid)) for cid in cids}
+
+
 def test_a_newcomer_naming_the_socket_keeps_the_daemon(ns, sock):
     bundle(ns, "mine", f"unix://{sock}")  # deleted already, containerd not done with the bundle
     bundle(ns, "newcomer", f"unix://{sock}")
-    served = {"mine"}
+    served = served_by(ns, "mine")
     assert may_exit(str(ns), str(sock), served) is False
-    assert sock.exists() and served == {"mine"}
+    assert sock.exists() and served == served_by(ns, "mine")
     (ns / "newcomer" / "address").write_text(grpc_reply(str(sock)))
     assert may_exit(str(ns), str(sock), served) is False
 
@@ -202,11 +207,28 @@ def test_with_no_newcomer_the_daemon_exits_and_unlinks_its_socket(ns, sock):
     bundle(ns, "mine", f"unix://{sock}")
     bundle(ns, "elsewhere", "unix:///tmp/seat1")
     bundle(ns, "starting")
-    served = {"mine", "removed-by-containerd"}
+    served = {**served_by(ns, "mine"), "removed-by-containerd": 12345}
     assert may_exit(str(ns), str(sock), served) is True
     assert not sock.exists()
-    assert served == {"mine"}  # only bundles that still exist
+    assert served == served_by(ns, "mine")  # only bundles that still exist
     assert not locked(ns)
+
+
+def test_a_reused_id_is_a_newcomer(ns, sock, tmp_path):
+    """containerd lets an id be used again once its bundle is removed: a daemon that served
+    the old container must not take the new one's bundle for the old one's and exit while
+    the new one's Create is on the way."""
+    old = bundle(ns, "reused", f"unix://{sock}")
+    served = served_by(ns, "reused")
+    old.rename(tmp_path / "removed")  # keeps the old inode busy: the new bundle cannot get it
+    bundle(ns, "reused", f"unix://{sock}")
+    assert may_exit(str(ns), str(sock), served) is False
+    assert sock.exists()
+
+
+def test_an_unreadable_identity_errs_on_waiting(ns, sock):
+    bundle(ns, "mine", f"unix://{sock}")
+    assert may_exit(str(ns), str(sock), {"mine": bundle_identity(str(ns / "nope"))}) is False
 
 
 def test_may_exit_waits_for_the_lock(ns, sock):
@@ -215,7 +237,7 @@ def test_may_exit_waits_for_the_lock(ns, sock):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         result = []
-        worker = threading.Thread(target=lambda: result.append(may_exit(str(ns), str(sock), set())))
+        worker = threading.Thread(target=lambda: result.append(may_exit(str(ns), str(sock), {})))
         worker.start()
         worker.join(0.2)
         assert worker.is_alive() and result == []
@@ -227,7 +249,7 @@ def test_may_exit_waits_for_the_lock(ns, sock):
 
 
 def test_a_socket_already_gone_is_no_error(ns, tmp_path):
-    assert may_exit(str(ns), str(tmp_path / "never-bound"), set()) is True
+    assert may_exit(str(ns), str(tmp_path / "never-bound"), {}) is True
 
 
 # -- ContainersPerDaemon in the runtime options ------------------------------------------
