@@ -6,6 +6,7 @@ Run it through hack/bench (which installs what is needed, as hack/test does), as
     hack/bench                          containerd 2.1, 30 pairs, 5 idle containers a runtime
     hack/bench --containerd 1.6 --pairs 50 --idle 10
     hack/bench --json-only              only the final JSON line on stdout
+    hack/bench --scale 50 --dense 100 --dense-containers 200
 
 One private containerd (tests/e2e/containerd.py) with the locally built busybox image in a
 fresh namespace, then:
@@ -23,6 +24,15 @@ fresh namespace, then:
 2c. stdio (--no-stdio to skip): `ctr run --rm IMAGE <id> sh -c 'head -c 20MiB /dev/zero'` with
    ctr's stdout on /dev/null, each next to the same run writing 0 bytes; MiB/s over the
    difference (the copy path without the lifecycle cost) and over the whole wall.
+2d. memory at scale (--scale K, 0 to skip): K detached `sleep 3600` containers per runtime
+   in a namespace of their own, started 8 at a time; once all are RUNNING and settled, the
+   smaps_rollup of every shim process of each runtime is summed and divided by K: every
+   containerd-shim-runc-v2 of that namespace; every pyshim daemon plus the zygote they were
+   forked from (counted once: its pages are what the daemons share).
+2e. dense mode (--dense N, 0 to skip): --dense-containers M pyshim containers with the
+   runtime options `ContainersPerDaemon = N` (so ceil(M/N) daemons), next to M through
+   runc-v2 (2d's figures when M = K); the same sums per container, against the target of
+   issue 13 (<= 1.0 MB Pss per container).
 3. start cost: `containerd-shim-pyshim-v2 -v`, the bare interpreter, and `python -X
    importtime` of what the start command, the daemon and the delete command import.
 4. profile (--profile N runs, 0 to skip): pyshim through a traced entry point
@@ -38,6 +48,7 @@ Ctrl-C or SIGTERM, and touches no process it did not start.
 from __future__ import annotations
 
 import argparse
+import array
 import calendar
 import json
 import os
@@ -49,9 +60,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 HACK = REPO / "hack"
@@ -75,8 +89,19 @@ TARGET_RATIO = 1.5
 TARGET_PRIVATE_MIB = 20.0
 TARGET_EXEC_RATIO = 1.5
 TARGET_STDIO_RATIO = 0.8
+#: Issue 13: a dense pyshim costs at most 1.0 MB (10^6 bytes) of Pss per container.
+TARGET_DENSE_PSS_MB = 1.0
+
+#: `ctr run -d` and cleanup calls at once in the memory-at-scale steps: enough to keep two cores
+#: busy without making each start wait on containerd's and the shims' CPU.
+SCALE_WORKERS = 8
+#: Limit for one `ctr run -d` there (a loaded machine makes a start take seconds).
+SCALE_START_TIMEOUT = 120.0
 
 _quiet = False
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BenchError(Exception):
@@ -231,6 +256,57 @@ def private_by_mapping(pid: int) -> dict[str, int]:
     return out
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PRESENT, _EXCLUSIVE, _PFN = 1 << 63, 1 << 56, (1 << 55) - 1
+
+
+def _pagemap(fd: int, start: int, end: int) -> array.array:
+    """The /proc/<pid>/pagemap entries of [start, end)."""
+    entries = array.array("Q")
+    data = os.pread(fd, (end - start) // _PAGE * 8, start // _PAGE * 8)
+    entries.frombytes(data[: len(data) // 8 * 8])
+    return entries
+
+
+def private_origin(child: int, parent: int) -> dict:
+    """kB of a forked child's exclusively mapped pages (its private memory) by where they came
+    from, told by /proc/<pid>/pagemap (root sees the frame numbers): `copied` where the parent
+    has another page at the same address (one of them wrote to memory they shared since the
+    fork, almost always the child: refcounts, the GC's links, the interpreter's static data,
+    and new objects, which pymalloc and malloc put in the free space of inherited arenas),
+    `new` where the parent has none (address ranges mapped after the fork). Per mapping, as
+    private_by_mapping names them."""
+    out: dict = {"copied": 0, "new": 0, "copied_by_mapping": {}, "new_by_mapping": {}}
+    kb = _PAGE // 1024
+    cfd = os.open(f"/proc/{child}/pagemap", os.O_RDONLY)
+    pfd = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY)
+    try:
+        for line in Path(f"/proc/{child}/maps").read_text().splitlines():
+            m = _MAPPING.match(line)
+            if not m:
+                continue
+            lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+            path = (m.group(1) or "").strip()
+            if path == "[vsyscall]":
+                continue
+            name = os.path.basename(path) if path.startswith("/") else (path or "[anon]")
+            try:
+                mine, theirs = _pagemap(cfd, lo, hi), _pagemap(pfd, lo, hi)
+            except OSError:
+                continue
+            for i, e in enumerate(mine):
+                if e & _PRESENT and e & _EXCLUSIVE:
+                    t = theirs[i] if i < len(theirs) else 0
+                    kind = "copied" if t & _PRESENT and t & _PFN != e & _PFN else "new"
+                    out[kind] += kb
+                    per = out[f"{kind}_by_mapping"]
+                    per[name] = per.get(name, 0) + kb
+    finally:
+        os.close(cfd)
+        os.close(pfd)
+    return out
+
+
 def ppid(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -248,14 +324,36 @@ def private_kb(roll: dict[str, int]) -> int:
     return roll.get("Private_Clean", 0) + roll.get("Private_Dirty", 0)
 
 
+def in_pool(fn: Callable[[T], R], items: Iterable[T],
+            on_abort: Callable[[], None] | None = None) -> list[R]:
+    """fn over items, SCALE_WORKERS threads at a time; the results in the items' order.
+
+    On an exception (fn's own, or Ctrl-C / SIGTERM, which reach the main thread waiting here)
+    on_abort runs, the items not started yet are dropped, and the calls already running are
+    waited for before it propagates: no thread of ours outlives the step that started it."""
+    pool = ThreadPoolExecutor(SCALE_WORKERS, thread_name_prefix="bench")
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+    except BaseException:
+        if on_abort is not None:
+            on_abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # -- the bench ----------------------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, c: e2e.PrivateContainerd, ns: str, args: argparse.Namespace) -> None:
+    def __init__(self, c: e2e.PrivateContainerd, ns: str, args: argparse.Namespace,
+                 image: Path | None = None) -> None:
         self.c = c
         self.ns = ns
         self.args = args
+        #: the image archive, for the namespaces the memory-at-scale steps make
+        self.image = image
         self.python = str(REPO / ".venv" / "bin" / "python")
         self.shim = str(REPO / ".venv" / "bin" / "containerd-shim-pyshim-v2")
         #: --handler: pyshim's containers get a runtime options file naming that handler.
@@ -266,23 +364,26 @@ class Bench:
             self.handler_config = str(path)
 
     def with_handler(self, args: tuple[str, ...]) -> tuple[str, ...]:
-        """`ctr run` of a pyshim container with --runtime-config-path when --handler is set."""
-        if self.handler_config and args and args[0] == "run" and PYSHIM in args:
+        """`ctr run` of a pyshim container with --runtime-config-path when --handler is set
+        (unless the run names an options file of its own, which then names the handler)."""
+        if (self.handler_config and args and args[0] == "run" and PYSHIM in args
+                and "--runtime-config-path" not in args):
             return ("run", "--runtime-config-path", self.handler_config, *args[1:])
         return args
 
-    def ctr(self, *args: str, timeout: float = 60, check: bool = True) -> e2e.CtrResult:
+    def ctr(self, *args: str, timeout: float = 60, check: bool = True,
+            namespace: str | None = None) -> e2e.CtrResult:
         args = self.with_handler(args)
-        r = self.c.ctr(*args, namespace=self.ns, timeout=timeout)
+        r = self.c.ctr(*args, namespace=namespace or self.ns, timeout=timeout)
         if check and r.returncode != 0:
             raise BenchError(f"ctr {' '.join(args)} exited {r.returncode}\n{r}\n"
                              f"--- containerd log tail ---\n{self.c.log_tail(30)}")
         return r
 
-    def note(self, cid: str) -> None:
+    def note(self, cid: str, namespace: str | None = None) -> None:
         note_task = getattr(self.c, "note_task", None)  # lets close() find a half-started shim
         if note_task is not None:
-            note_task(self.ns, cid)
+            note_task(namespace or self.ns, cid)
 
     def run_rm(self, runtime: str, cid: str) -> dict[str, float]:
         """One `ctr run --rm ... true`; returns its launch/exit unix times and wall seconds."""
@@ -401,9 +502,9 @@ class Bench:
 
     # exec and stdio ---------------------------------------------------------------------------
 
-    def ctr_argv(self, *args: str) -> list[str]:
+    def ctr_argv(self, *args: str, namespace: str | None = None) -> list[str]:
         return [str(self.c.bin_dir / "ctr"), "--address", self.c.address, "--namespace",
-                self.ns, *self.with_handler(args)]
+                namespace or self.ns, *self.with_handler(args)]
 
     def spawn_all(self, argvs: list[list[str]], timeout: float = 120) -> float:
         """Start every argv at once (stdout to /dev/null) and wait for all; wall seconds from
@@ -525,6 +626,255 @@ class Bench:
         py, rc = out["runtimes"][PYSHIM], out["runtimes"][RUNC]
         out["ratio"] = py["mib_s"] / rc["mib_s"]
         out["gross_ratio"] = py["gross_mib_s"] / rc["gross_mib_s"]
+        return out
+
+    # 2d, 2e. memory at scale ------------------------------------------------------------------
+
+    def start_sleepers(self, ns: str, runs: list[tuple[str, str, tuple[str, ...]]]) -> None:
+        """`ctr run -d [flags] --runtime RT IMAGE <cid> sleep 3600` for every (runtime, cid,
+        flags), SCALE_WORKERS at a time. After the first failure no more are started; on a
+        failure, Ctrl-C or SIGTERM the ctr processes still running are killed (by pid: they
+        are ours), and the caller's cleanup removes what they made."""
+        lock = threading.Lock()
+        running: set[subprocess.Popen] = set()
+        stopping = threading.Event()
+
+        def start(run: tuple[str, str, tuple[str, ...]]) -> str:
+            runtime, cid, flags = run
+            if stopping.is_set():
+                return ""
+            self.note(cid, ns)
+            argv = self.ctr_argv("run", "-d", *flags, "--runtime", runtime, e2e.IMAGE_REF, cid,
+                                 "sleep", "3600", namespace=ns)
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, env=self.c.env(), cwd=self.c.dir)
+            with lock:
+                running.add(p)
+                if stopping.is_set():  # the main thread's kill loop ran before we got here
+                    p.kill()
+            try:
+                _out, err = p.communicate(timeout=SCALE_START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                err = f"timed out after {SCALE_START_TIMEOUT:g}s".encode()
+            finally:
+                with lock:
+                    running.discard(p)
+            if p.returncode == 0 or stopping.is_set():
+                return ""
+            stopping.set()
+            return (f"ctr run -d --runtime {runtime} ... {cid} exited {p.returncode}: "
+                    f"{err.decode(errors='replace').strip()}")
+
+        def stop_all() -> None:
+            stopping.set()
+            with lock:
+                for p in running:
+                    p.kill()
+
+        errors = [e for e in in_pool(start, runs, on_abort=stop_all) if e]
+        if errors:
+            raise BenchError(f"{len(errors)} container start(s) failed: {errors[0]}\n"
+                             f"--- containerd log tail ---\n{self.c.log_tail(30)}")
+
+    def wait_running(self, ns: str, ids: list[str], timeout: float) -> None:
+        """Until `ctr tasks ls` shows every one of ids RUNNING (`ctr run -d` returns after
+        Start; this is the check that none died since)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = {}
+            for line in self.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]:
+                f = line.split()
+                if len(f) >= 3:
+                    status[f[0]] = f[2]
+            waiting = [cid for cid in ids if status.get(cid) != "RUNNING"]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{len(waiting)} of {len(ids)} tasks not RUNNING after "
+                                 f"{timeout:g}s, e.g. " + ", ".join(
+                                     f"{cid}: {status.get(cid, 'no task')}" for cid in waiting[:5]))
+            time.sleep(0.5)
+
+    def remove_sleepers(self, ns: str, ids: list[str]) -> None:
+        """Kill and remove ids' tasks and containers, SCALE_WORKERS at a time, then whatever
+        else the namespace holds (a start cut short)."""
+        def remove(cid: str) -> None:
+            for args in (("tasks", "delete", "-f", cid), ("containers", "delete", cid)):
+                try:  # a failure is left to cleanup_namespace and close()
+                    self.c.ctr(*args, namespace=ns, timeout=30)
+                except e2e.CtrError:
+                    pass
+
+        in_pool(remove, ids)
+        self.c.cleanup_namespace(ns, timeout=20)
+
+    def shim_pids(self, runtime: str, ns: str) -> list[int]:
+        """Every process of runtime's shim binary serving namespace ns of this containerd, by
+        its command line (`-namespace`, `-address`): runc-v2's shims; pyshim's daemons, whose
+        command line is that of the `start` that asked for them. Called once every task is
+        RUNNING, so no `start` or `delete` command is among them."""
+        binary = SHIM_BINARY[runtime]
+        found = []
+        for pid in e2e._all_pids():
+            cmd = cmdline(pid)
+            if (any(os.path.basename(a) == binary for a in cmd[:2])
+                    and e2e._flag(cmd, "-namespace") == ns
+                    and e2e._flag(cmd, "-address") == self.c.address):
+                found.append(pid)
+        return sorted(found)
+
+    def zygote_pids(self, daemons: list[int]) -> list[int]:
+        """pyshim's zygotes serving this containerd: those whose socket is in its
+        PYSHIM_ZYGOTE_DIR (PrivateContainerd gives each containerd its own), and the parent
+        of any daemon that is a zygote. Each counts once, however many daemons share it."""
+        def is_zygote(cmd: list[str]) -> bool:
+            return bool(cmd) and cmd[0] == "pyshim-zygote"
+
+        directory = self.c.env().get("PYSHIM_ZYGOTE_DIR", "").rstrip("/") + "/"
+        found = set()
+        for pid in e2e._all_pids():
+            cmd = cmdline(pid)
+            if is_zygote(cmd) and len(cmd) > 1 and cmd[1].startswith(directory):
+                found.add(pid)
+        for pid in daemons:
+            try:
+                parent = ppid(pid)
+            except OSError:
+                continue
+            if is_zygote(cmdline(parent)):
+                found.add(parent)
+        return sorted(found)
+
+    def shim_memory(self, runtime: str, ns: str, containers: int) -> dict:
+        """smaps_rollup of every shim process of runtime in ns, summed: its daemons (and for
+        pyshim the zygote(s) they were forked from, whose pages they share), and the median
+        daemon on its own."""
+        daemons = self.shim_pids(runtime, ns)
+        zygotes = self.zygote_pids(daemons) if runtime == PYSHIM else []
+        if not daemons:
+            raise BenchError(f"no {SHIM_BINARY[runtime]} process found for namespace {ns}")
+        rolls, parents = {}, {}
+        for pid in daemons + zygotes:
+            try:
+                rolls[pid] = smaps_rollup(pid)
+                parents[pid] = ppid(pid)
+            except OSError as exc:
+                raise BenchError(f"shim process {pid} ({' '.join(cmdline(pid))}) went away "
+                                 f"while measured: {exc}") from None
+
+        def total(pids: list[int], key: str) -> int:
+            return sum(private_kb(rolls[p]) if key == "private" else rolls[p].get(key, 0)
+                       for p in pids)
+
+        everything = daemons + zygotes
+        mid = sorted(daemons, key=lambda p: private_kb(rolls[p]))[len(daemons) // 2]
+        try:
+            origin = private_origin(mid, parents[mid]) if parents[mid] in zygotes else None
+        except OSError:
+            origin = None
+        return {
+            "containers": containers,
+            "daemons": len(daemons),
+            "zygotes": len(zygotes),
+            "from_zygote": sum(1 for p in daemons if parents[p] in zygotes),
+            "pss": total(everything, "Pss"),
+            "private": total(everything, "private"),
+            "rss": total(everything, "Rss"),
+            "daemons_pss": total(daemons, "Pss"),
+            "daemons_private": total(daemons, "private"),
+            "zygotes_pss": total(zygotes, "Pss"),
+            "zygotes_private": total(zygotes, "private"),
+            "zygotes_rss": total(zygotes, "Rss"),
+            "median_daemon": {"pss": rolls[mid].get("Pss", 0), "private": private_kb(rolls[mid]),
+                              "rss": rolls[mid].get("Rss", 0),
+                              "private_dirty": rolls[mid].get("Private_Dirty", 0),
+                              "anon": rolls[mid].get("Anonymous", 0)},
+            "by_mapping": private_by_mapping(mid),
+            "origin": origin,
+        }
+
+    def scale_namespace(self, prefix: str) -> str:
+        if self.image is None:
+            raise BenchError("memory at scale needs the image archive (Bench(image=...))")
+        progress(f"{prefix}: a namespace of its own, importing the image")
+        return self.c.new_namespace(prefix, image=self.image)
+
+    def sleepers_memory(self, step: str, runs: list[tuple[str, str, tuple[str, ...]]]) -> dict:
+        """Start runs in a fresh namespace, wait until all are RUNNING, let them settle, and
+        measure each runtime's shims; removes them all again (also on error and Ctrl-C)."""
+        ns = self.scale_namespace(step)
+        ids = [cid for _rt, cid, _flags in runs]
+        try:
+            t = time.perf_counter()
+            self.start_sleepers(ns, runs)
+            self.wait_running(ns, ids, timeout=60 + len(ids))
+            progress(f"{step}: {len(ids)} containers RUNNING after "
+                     f"{time.perf_counter() - t:.1f} s; settling {self.args.settle:g} s")
+            time.sleep(self.args.settle)  # let every shim go idle (lazy work, GC, page faults)
+            self.wait_running(ns, ids, timeout=10)  # none died while settling
+            counts: dict[str, int] = {}
+            for rt, _cid, _flags in runs:
+                counts[rt] = counts.get(rt, 0) + 1
+            out = {rt: self.shim_memory(rt, ns, n) for rt, n in counts.items()}
+            if PYSHIM in out:
+                out[PYSHIM]["per_daemon"] = self.containers_per_daemon(
+                    ns, [cid for rt, cid, _f in runs if rt == PYSHIM])
+            return out
+        finally:
+            progress(f"{step}: killing and removing the {len(ids)} containers")
+            self.remove_sleepers(ns, ids)
+
+    def containers_per_daemon(self, ns: str, ids: list[str]) -> list[int]:
+        """How many of ids each pyshim daemon serves (by the address in their bundles: dense
+        mode puts a seat's containers at one address), largest first."""
+        served: dict[str, int] = {}
+        for cid in ids:
+            try:
+                text = (self.c.bundle_dir(ns, cid) / "address").read_text().strip()
+            except OSError:
+                text = f"? {cid}"
+            if text.startswith("{"):  # a gRPC daemon's reply
+                text = str(json.loads(text).get("address", text))
+            served[text] = served.get(text, 0) + 1
+        return sorted(served.values(), reverse=True)
+
+    def scale_memory(self) -> dict:
+        """2d. --scale K `sleep 3600` containers per runtime, one shim (daemon) each, all
+        alive at once: the summed memory of every shim process per container, so pyshim's
+        zygote is counted once and the pages its daemons share with it are not counted twice."""
+        k = self.args.scale
+        progress(f"memory at scale: {k} `sleep 3600` containers per runtime, "
+                 f"{SCALE_WORKERS} started at a time")
+        runs = [(rt, f"sc-{SHORT[rt].replace('-', '')}-{i:03d}", ())
+                for i in range(k) for rt in (PYSHIM, RUNC)]
+        return self.sleepers_memory("scale", runs)
+
+    def dense_memory(self, scale: dict | None) -> dict:
+        """2e. --dense-containers M pyshim containers with ContainersPerDaemon = --dense N (so
+        ceil(M/N) daemons), next to M through runc-v2 (2d's figures when it ran M)."""
+        a = self.args
+        m, n = a.dense_containers, a.dense
+        config = self.c.dir / "bench-dense.toml"
+        lines = [f"ContainersPerDaemon = {n}"]
+        if a.handler:  # one options file per run: it must name the handler too
+            lines.append(f"Handler = {json.dumps(a.handler)}")
+        config.write_text("\n".join(lines) + "\n")
+        reuse = scale is not None and a.scale == m
+        progress(f"dense mode: {m} `sleep 3600` pyshim containers, ContainersPerDaemon = {n}"
+                 + ("" if reuse else f", and {m} through runc-v2"))
+        flags = ("--runtime-config-path", str(config))
+        runs = [(PYSHIM, f"dn-pyshim-{i:03d}", flags) for i in range(m)]
+        if not reuse:
+            runs = [r for pair in zip(runs, [(RUNC, f"dn-runcv2-{i:03d}", ()) for i in range(m)],
+                                      strict=True) for r in pair]
+        out = self.sleepers_memory("dense", runs)
+        if reuse:
+            assert scale is not None
+            out[RUNC] = {**scale[RUNC], "reused": True}
+        out["containers"], out["per_daemon"] = m, n
+        out["expected_daemons"] = -(-m // n)
         return out
 
     def import_memory(self) -> list[tuple[str, dict[str, int]]]:
@@ -823,8 +1173,62 @@ def mib(kb: float) -> float:
     return kb / 1024
 
 
+def per_container_mib(m: dict, key: str) -> float:
+    return mib(m[key]) / m["containers"]
+
+
+def dense_mb(m: dict) -> float:
+    """Pss per container in MB (10^6 bytes), the unit of issue 13's target."""
+    return m["pss"] * 1024 / 1e6 / m["containers"]
+
+
+def scale_report(res: dict, settle: float) -> list[str]:
+    """The table and notes of 2d or 2e (res: runtime -> shim_memory())."""
+    out = []
+    w = out.append
+    rows = []
+    for rt in (PYSHIM, RUNC):
+        m = res[rt]
+        rows.append([SHORT[rt], str(m["containers"]), str(m["daemons"]),
+                     str(m["zygotes"]) if rt == PYSHIM else "-",
+                     fmt(mib(m["pss"])), fmt(mib(m["private"])), fmt(mib(m["rss"])),
+                     fmt(per_container_mib(m, "pss"), 2), fmt(per_container_mib(m, "private"), 2)])
+    w(table(["runtime", "containers", "daemons", "zygotes", "Pss", "private", "Rss",
+             "Pss/ctr", "private/ctr"], rows))
+    p, r = res[PYSHIM], res[RUNC]
+    w(f"  per container pyshim/runc-v2: Pss "
+      f"{per_container_mib(p, 'pss') / per_container_mib(r, 'pss'):.2f}, private "
+      f"{per_container_mib(p, 'private') / per_container_mib(r, 'private'):.2f}"
+      + ("  (runc-v2: the figures of 2d)" if r.get("reused") else ""))
+    w(f"  pyshim: zygote(s) Pss {mib(p['zygotes_pss']):.1f} MiB, private "
+      f"{mib(p['zygotes_private']):.1f} (Rss {mib(p['zygotes_rss']):.1f}); {p['daemons']} "
+      f"daemon(s) ({p['from_zygote']} forked by a zygote) Pss {mib(p['daemons_pss']):.1f}, "
+      f"private {mib(p['daemons_private']):.1f}")
+    for rt in (PYSHIM, RUNC):
+        d = res[rt]["median_daemon"]
+        w(f"  {SHORT[rt]} median daemon: Pss {mib(d['pss']):.2f}, private {mib(d['private']):.2f} "
+          f"(dirty {mib(d['private_dirty']):.2f}), Rss {mib(d['rss']):.2f}, anonymous "
+          f"{mib(d['anon']):.2f}; private by mapping: " + ", ".join(
+              f"{name} {mib(kb):.2f}"
+              for name, kb in sorted(res[rt]["by_mapping"].items(), key=lambda kv: -kv[1])[:5]))
+    origin = p.get("origin")
+    if origin:
+        def top(by: dict[str, int]) -> str:
+            return ", ".join(f"{name} {mib(kb):.2f}"
+                             for name, kb in sorted(by.items(), key=lambda kv: -kv[1])[:4])
+
+        w(f"  pyshim median daemon's private, by origin (pagemap against its zygote): "
+          f"{mib(origin['copied']):.2f} in pages it shared with the zygote and wrote since "
+          f"the fork ({top(origin['copied_by_mapping'])}), {mib(origin['new']):.2f} in "
+          f"memory mapped since ({top(origin['new_by_mapping'])})")
+    w(f"  (measured {settle:g} s after all were RUNNING; Pss shares each page among every "
+      "process mapping it, also those outside the sum: libc, another Python's libpython)")
+    return out
+
+
 def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | None,
-           ex: dict | None = None, st: dict | None = None) -> str:
+           ex: dict | None = None, st: dict | None = None, scale: dict | None = None,
+           dense: dict | None = None) -> str:
     out = []
     w = out.append
     w(f"pyshim vs containerd-shim-runc-v2 on containerd {info['containerd']} "
@@ -897,6 +1301,25 @@ def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | N
         ]))
         w(f"  throughput ratio pyshim/runc-v2: net {fmt(st['ratio'], 2)} (gross "
           f"{fmt(st['gross_ratio'], 2)}; target >= {TARGET_STDIO_RATIO})")
+    if scale:
+        w("")
+        w(f"2d. Memory at scale: {scale[PYSHIM]['containers']} `sleep 3600` containers per "
+          f"runtime alive at once, one shim each; every shim process summed (pyshim: daemons + "
+          "zygote), MiB")
+        out.extend(scale_report(scale, info["settle"]))
+    if dense:
+        p = dense[PYSHIM]
+        w("")
+        w(f"2e. Dense mode: {dense['containers']} pyshim containers with ContainersPerDaemon = "
+          f"{dense['per_daemon']}, {dense[RUNC]['containers']} through runc-v2; every shim "
+          "process summed, MiB")
+        out.extend(scale_report(dense, info["settle"]))
+        w(f"  pyshim daemons: {p['daemons']} (expected {dense['expected_daemons']}), containers "
+          "per daemon: " + ", ".join(map(str, p["per_daemon"])))
+        mb = dense_mb(p)
+        w(f"  target <= {TARGET_DENSE_PSS_MB:g} MB (10^6 bytes) Pss per container: pyshim "
+          f"{mb:.2f} MB ({per_container_mib(p, 'pss'):.2f} MiB): "
+          + ("met" if mb <= TARGET_DENSE_PSS_MB else "NOT met"))
     w("")
     w(f"3. Start cost (median of {info['repeat']} runs, ms)")
     w(table(["command", "wall"], [
@@ -993,6 +1416,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="measured stdio runs per runtime, after one warm-up (5)")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds the idle shims get before they are measured (2)")
+    ap.add_argument("--scale", type=int, default=20, metavar="K",
+                    help="memory at scale: containers per runtime alive at once, 0 to skip (20)")
+    ap.add_argument("--dense", type=int, default=0, metavar="N",
+                    help="dense mode: ContainersPerDaemon for pyshim, 0 to skip (0)")
+    ap.add_argument("--dense-containers", type=int, default=100, metavar="M",
+                    help="dense mode: containers per runtime alive at once (100)")
     ap.add_argument("--repeat", type=int, default=10,
                     help="runs of each start-cost command (10)")
     ap.add_argument("--profile", type=int, default=10, metavar="N",
@@ -1013,6 +1442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--pairs, --idle and --repeat must be >= 1; --warmup, --profile >= 0")
     if a.exec_concurrent < 1 or a.exec_rounds < 1 or a.stdio_mib < 1 or a.stdio_runs < 1:
         ap.error("--exec-concurrent, --exec-rounds, --stdio-mib and --stdio-runs must be >= 1")
+    if a.scale < 0 or a.dense < 0 or a.dense_containers < 1:
+        ap.error("--scale and --dense must be >= 0, --dense-containers >= 1")
     return a
 
 
@@ -1038,11 +1469,12 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"starting containerd {args.containerd} in {c.dir}")
         c.start()
         ns = c.new_namespace("bench", image=image)
-        bench = Bench(c, ns, args)
+        bench = Bench(c, ns, args, image=image)
         info = {
             "containerd": c.version, "runc": c.runc_version, "snapshotter": c.snapshotter,
             "pairs": args.pairs, "warmup": args.warmup, "idle": args.idle,
             "repeat": args.repeat, "bytecode": bytecode, "handler": args.handler or None,
+            "settle": args.settle,
             "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, "
                        f"Python {platform.python_version()}",
         }
@@ -1050,13 +1482,15 @@ def main(argv: list[str] | None = None) -> int:
         mem = bench.idle_memory()
         ex = None if args.no_exec else bench.execs()
         st = None if args.no_stdio else bench.stdio()
+        scale = bench.scale_memory() if args.scale else None
+        dense = bench.dense_memory(scale) if args.dense else None
         imem = bench.import_memory()
         sc = bench.start_cost()
         prof = bench.profile() if args.profile else None
         if not args.json_only:
-            print(report(info, lc, mem, imem, sc, prof, ex, st))
+            print(report(info, lc, mem, imem, sc, prof, ex, st, scale, dense))
             print()
-        print(json.dumps(summary(info, lc, mem, sc, prof, ex, st)), flush=True)
+        print(json.dumps(summary(info, lc, mem, sc, prof, ex, st, scale, dense)), flush=True)
     except KeyboardInterrupt:
         print("\nbench: interrupted; cleaning up", file=sys.stderr)
         rc = 130
@@ -1086,7 +1520,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
-            ex: dict | None = None, st: dict | None = None) -> dict:
+            ex: dict | None = None, st: dict | None = None, scale: dict | None = None,
+            dense: dict | None = None) -> dict:
     py, rc = lc["runtimes"][PYSHIM], lc["runtimes"][RUNC]
     p, r = mem[PYSHIM], mem[RUNC]
     out = {
@@ -1128,6 +1563,24 @@ def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
         out["stdio_ratio"] = r2(st["ratio"], 3)
         out["stdio_gross_ratio"] = r2(st["gross_ratio"], 3)
         out["meets_stdio_target"] = st["ratio"] >= TARGET_STDIO_RATIO
+    for key, res in (("scale", scale), ("dense", dense)):
+        if not res:
+            continue
+        p, r = res[PYSHIM], res[RUNC]
+        for what in ("pss", "private"):
+            py, rc = per_container_mib(p, what), per_container_mib(r, what)
+            out[f"{key}_{what}_per_container_mib"] = {"pyshim": r2(py, 3), "runc": r2(rc, 3)}
+            out[f"{key}_{what}_ratio"] = r2(py / rc, 3)
+        out[f"{key}_daemons"] = {"pyshim": p["daemons"], "runc": r["daemons"]}
+        out[f"{key}_zygotes"] = p["zygotes"]
+        out[f"{key}_zygote_pss_mib"] = r2(mib(p["zygotes_pss"]))
+    if scale:
+        out["scale_containers"] = scale[PYSHIM]["containers"]
+    if dense:
+        out["dense_containers"] = dense["containers"]
+        out["dense_per_daemon"] = dense["per_daemon"]
+        out["dense_pss_per_container_mb"] = r2(dense_mb(dense[PYSHIM]), 3)
+        out["meets_dense_target"] = dense_mb(dense[PYSHIM]) <= TARGET_DENSE_PSS_MB
     if prof:
         out["profile_ms"] = {k: r2(v) for k, v in prof["durations"].items()}
         out["profile_timeline_ms"] = {k: r2(v) for v, k in prof["timeline"]}
