@@ -72,7 +72,11 @@ def _set_subreaper() -> None:
         log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
 
 
-def serve(flags, listener: socket.socket) -> int:
+def serve(flags, listener) -> int:
+    if not isinstance(listener, socket.socket):
+        # start's bare _socket.socket (when it forks the daemon itself): asyncio needs the
+        # socket module's class.
+        listener = socket.socket(fileno=listener.detach())
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     handler = FifoLogHandler("log", flags.id, flags.namespace)
     root = logging.getLogger()

@@ -14,11 +14,13 @@ of an installation, or PYSHIM_ZYGOTE=0).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import posixpath
-import socket
 import sys
+
+# Not `socket` and `json`: their imports (enum, re, selectors, ...) would cost every container
+# start ~7 ms. _socket is the C module under socket; lightjson reads JSON with json's C scanner.
+import _socket
 
 SOCKET_DIR = "/run/containerd/s"
 #: The Go shim refuses longer unix socket paths (sun_path is 108 bytes with the NUL).
@@ -33,7 +35,9 @@ def group_id(bundle: str, task_id: str) -> str:
 
     try:
         with open(os.path.join(bundle, "config.json")) as f:
-            annotations = json.load(f).get("annotations") or {}
+            from shim.framework.lightjson import loads
+
+            annotations = loads(f.read()).get("annotations") or {}
     except (OSError, ValueError):
         annotations = {}
     for key in (identity().group_annotation, *GROUP_ANNOTATIONS):
@@ -66,7 +70,7 @@ def socket_address(containerd_address: str, namespace: str, group: str, *, grpc:
 
 
 def _alive(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     probe.settimeout(0.1)
     try:
         probe.connect(path)
@@ -77,12 +81,12 @@ def _alive(path: str) -> bool:
         probe.close()
 
 
-def bind_or_find(address: str) -> socket.socket | None:
+def bind_or_find(address: str) -> _socket.socket | None:
     """A listening socket at address, or None when a live shim already serves it."""
     path = address.removeprefix("unix://")
     os.makedirs(posixpath.dirname(path), mode=0o700, exist_ok=True)
     for attempt in (1, 2):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.bind(path)
         except OSError as exc:
@@ -164,7 +168,7 @@ def _bootstrap_params(data: bytes, task_id: str, namespace: str) -> bool:
     return fields.get(1) == task_id.encode() and fields.get(2) == namespace.encode()
 
 
-def _dense_seat(flags, bundle: str, group: str, capacity: int, grpc: bool) -> tuple[str, socket.socket | None]:
+def _dense_seat(flags, bundle: str, group: str, capacity: int, grpc: bool) -> tuple[str, _socket.socket | None]:
     """ContainersPerDaemon > 1: the seat's address, and its new listening socket unless a
     live daemon serves it (bound or joined under the namespace's lock)."""
     from shim.framework.dense import DENSE_ENV, SEAT_GROUP, placed
@@ -228,7 +232,7 @@ def start(flags) -> int:
     os._exit(0)  # skip interpreter teardown: containerd waits for this process to exit
 
 
-def _become_daemon(flags, listener: socket.socket) -> None:
+def _become_daemon(flags, listener: _socket.socket) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # out of containerd's process group, as the Go shim does

@@ -49,9 +49,7 @@ upgraded or edited pyshim starts a new zygote and the old one idles out.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 
 from shim import __version__
@@ -147,7 +145,9 @@ def _identity_argument() -> str:
         identity = app_module.identity()
     except RuntimeError:
         return ""
-    return json.dumps({name: getattr(identity, name) for name in identity.__slots__}, sort_keys=True)
+    from shim.framework.lightjson import dumps
+
+    return dumps({name: getattr(identity, name) for name in sorted(identity.__slots__)})
 
 
 def socket_path(directory: str | None = None) -> str:
@@ -155,7 +155,7 @@ def socket_path(directory: str | None = None) -> str:
     return os.path.join(directory, _NAME + installation_key()[:32])
 
 
-def spawn_daemon(flags, listener: socket.socket, bundle: str, *, directory: str | None = None) -> int | None:
+def spawn_daemon(flags, listener, bundle: str, *, directory: str | None = None) -> int | None:
     """The pid of a daemon a warm zygote forked to serve `listener`, or None: fork it yourself.
 
     None never leaves a daemon behind for this listener: the daemon serves only after we
@@ -167,10 +167,15 @@ def spawn_daemon(flags, listener: socket.socket, bundle: str, *, directory: str 
     if not _enabled():
         last_error = "disabled by PYSHIM_ZYGOTE"
         return None
+    # `start` runs this: _socket and lightjson, not socket and json (~7 ms of imports).
+    import _socket
+
+    from shim.framework.lightjson import dumps, loads
+
     conn = None
     try:
         path = socket_path(directory)
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         conn.settimeout(CLIENT_TIMEOUT)
         try:
             conn.connect(path)
@@ -178,15 +183,15 @@ def spawn_daemon(flags, listener: socket.socket, bundle: str, *, directory: str 
             last_error = f"no zygote at {path}: {exc}"
             start_zygote(path)
             return None
-        request = json.dumps({
+        request = dumps({
             "v": PROTOCOL,
             "flags": _flag_values(flags),
             "bundle": bundle,
             "env": dict(os.environ),
         }).encode()
         fd = listener.fileno().to_bytes(4, sys.byteorder)
-        conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd)])
-        reply = json.loads(conn.recv(65536) or b"{}")
+        conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
+        reply = loads(conn.recv(65536) or b"{}")
         pid = reply.get("pid")
         if type(pid) is not int or pid <= 0:
             last_error = f"zygote refused: {reply.get('error', 'no reply')}"
@@ -329,7 +334,7 @@ class Zygote:
         self.path = path
         self.lock_fd = lock_fd
         self.idle = idle
-        self.server: socket.socket | None = None
+        self.server = None  # its listening socket.socket
         self.inode: tuple[int, int] | None = None
         self.log_fd = -1
         self.log_keep = 0
@@ -794,6 +799,12 @@ def main(args: list[str]) -> int:
     import gc
     import signal
     import time
+
+    # The zygote's half of this module speaks through `socket` and `json`, which `start`
+    # (spawn_daemon, the other half) must not pay for: imported here, as module globals.
+    global json, socket
+    import json
+    import socket
 
     t0 = time.perf_counter()
     path, lock_fd = args[0], int(args[1])
