@@ -90,12 +90,18 @@ class Protocol:
             other.name, other.version, other.note)
 
     def reply(self, address: str) -> str:
-        """The text `start` prints (and writes to <bundle>/address) for the socket `address`."""
-        if not self.grpc:
+        """The text `start` prints for the socket `address`."""
+        if not self.grpc and self.version < NEWEST_SHIM_VERSION:
             return address  # plain unix:// address: every containerd reads it as ttrpc v2
         from shim.framework.lightjson import dumps  # `start` runs this: not json (~5 ms)
 
-        return dumps({"version": self.version, "address": address, "protocol": "grpc"})
+        return dumps({"version": self.version, "address": address, "protocol": self.name})
+
+    def address_file(self, address: str) -> str:
+        """What <bundle>/address holds: containerd 1.6/1.7 read it on restart as they read
+        start's reply (1.7's gRPC JSON included); 2.x reads its own bootstrap.json and, without
+        one, takes `address` for a plain ttrpc address."""
+        return self.reply(address) if self.grpc else address
 
     def export(self, environ: os._Environ | dict) -> None:
         """Tell the daemon (forked by us or by the zygote, both take our environment)."""
@@ -115,7 +121,7 @@ def choose(environ, containerd_binary: str, bootstrap_params: bool) -> Protocol:
     """The protocol for this start: gRPC when asked for and containerd can take it, else ttrpc."""
     wanted = requested(environ)
     if wanted == "ttrpc":
-        return Protocol("ttrpc")
+        return Protocol("ttrpc", _ttrpc_version(environ, containerd_binary))
     if wanted != "grpc":
         return Protocol("ttrpc", note=f"{PROTOCOL_ENV}={wanted!r} is neither ttrpc nor grpc: serving ttrpc")
     max_version = environ.get("MAX_SHIM_VERSION", "")
@@ -131,9 +137,21 @@ def choose(environ, containerd_binary: str, bootstrap_params: bool) -> Protocol:
     if major == 1:
         return Protocol("grpc", 2, note=CONTAINERD17_DROPS_IDLE_GRPC_SHIMS)
     if environ.get(GRPC_ON_CONTAINERD2_ENV, "").strip() != "1":
-        return Protocol("ttrpc", note=CONTAINERD2_DROPS_GRPC_SHIMS + f" (set {GRPC_ON_CONTAINERD2_ENV}=1 to "
-                                          "serve gRPC anyway): serving ttrpc")
+        return Protocol("ttrpc", NEWEST_SHIM_VERSION,
+                        note=CONTAINERD2_DROPS_GRPC_SHIMS + f" (set {GRPC_ON_CONTAINERD2_ENV}=1 to "
+                             "serve gRPC anyway): serving ttrpc")
     return Protocol("grpc", NEWEST_SHIM_VERSION)
+
+
+def _ttrpc_version(environ, containerd_binary: str) -> int:
+    """The Task API version a ttrpc shim announces: 3 to containerd 2.x, as its own runc shim
+    does (then 2.x attaches a pod's containers to the sandbox's shim without running `start`
+    for each, protocol reference §2.10), else the plain address of version 2. 1.6 sets no
+    MAX_SHIM_VERSION; 1.7 and 2.x both say 2 there, so 2.x is told by its build info."""
+    if not environ.get("MAX_SHIM_VERSION", ""):
+        return 2
+    major = containerd_major_version(containerd_binary)
+    return NEWEST_SHIM_VERSION if major is not None and major >= 2 else 2
 
 
 def containerd_binary(publish_binary: str) -> str:

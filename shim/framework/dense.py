@@ -20,12 +20,10 @@ which N bounds. See README "Dense mode".
 
 from __future__ import annotations
 
-import collections
-import contextlib
+# Plain modules only: this runs in `start`, where collections, contextlib and json would
+# cost more than the placement itself.
 import fcntl
-import json
 import os
-from collections.abc import Iterator
 
 #: Set in the environment of a dense daemon (by start): its namespace's bundle directory.
 DENSE_ENV = "PYSHIM_DENSE_NAMESPACE_DIR"
@@ -35,15 +33,23 @@ SEAT_GROUP = "dense/{}"
 
 def _address_of(bundle: str) -> str:
     """The socket address a bundle's container was given ("" when none is recorded): the
-    plain address, or the one inside a gRPC reply."""
-    try:
-        with open(os.path.join(bundle, "address")) as f:
-            text = f.read().strip()
-    except OSError:
+    plain address, or the one inside a gRPC reply; for a container containerd 2.x attached to
+    its sandbox's shim without `start`, the one in the bootstrap.json it wrote."""
+    text = ""
+    for name in ("address", "bootstrap.json"):
+        try:
+            with open(os.path.join(bundle, name)) as f:
+                text = f.read().strip()
+            break
+        except OSError:
+            continue
+    if not text:
         return ""
     if text.startswith("{"):
+        from shim.framework.lightjson import loads
+
         try:
-            return str(json.loads(text).get("address", ""))
+            return str(loads(text).get("address", ""))
         except (ValueError, AttributeError):
             return ""
     return text
@@ -53,39 +59,49 @@ def _normal(address: str) -> str:
     return address.removeprefix("unix://")
 
 
-@contextlib.contextmanager
-def placed(bundle: str, task_id: str, group: str, capacity: int, seat_address) -> Iterator[str]:
-    """The address of the daemon this container goes to; the namespace's lock is held until
-    the with block ends, in which `start` must write it to the bundle's `address` (so that
-    the next start counts it) and bind or join that daemon (before a leaving one can decide
-    it has no newcomer: may_exit).
+class placed:
+    """`with placed(...) as address`: the address of the daemon this container goes to; the
+    namespace's lock is held until the with block ends, in which `start` must write it to the
+    bundle's `address` (so that the next start counts it) and bind or join that daemon (before
+    a leaving one can decide it has no newcomer: may_exit).
 
     seat_address(k) is the socket address of seat k's daemon (in the protocol start chose).
     `bundle` is the container's own; its siblings are the namespace's other containers.
     """
-    namespace_dir = os.path.dirname(bundle)
-    lock = os.open(namespace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        leader = _address_of(os.path.join(namespace_dir, group)) if group != task_id else ""
-        if leader:  # a pod member: its sandbox (the group's first container) is placed already
-            address = leader
-        else:
-            served = collections.Counter()
+
+    def __init__(self, bundle: str, task_id: str, group: str, capacity: int, seat_address) -> None:
+        self._args = (bundle, task_id, group, capacity, seat_address)
+        self._lock = -1
+
+    def __enter__(self) -> str:
+        bundle, task_id, group, capacity, seat_address = self._args
+        namespace_dir = os.path.dirname(bundle)
+        self._lock = os.open(namespace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            leader = _address_of(os.path.join(namespace_dir, group)) if group != task_id else ""
+            if leader:  # a pod member: its sandbox (the group's first container) is placed already
+                return leader
+            served: dict[str, int] = {}
             own = os.path.basename(bundle)
             with os.scandir(namespace_dir) as entries:
                 for entry in entries:
                     if entry.name != own and entry.is_dir(follow_symlinks=False):
-                        found = _address_of(entry.path)
+                        found = _normal(_address_of(entry.path))
                         if found:
-                            served[_normal(found)] += 1
+                            served[found] = served.get(found, 0) + 1
             seat = 0
-            while served[_normal(seat_address(seat))] >= capacity:
+            while served.get(_normal(seat_address(seat)), 0) >= capacity:
                 seat += 1
-            address = seat_address(seat)
-        yield address
-    finally:
-        os.close(lock)  # releases the flock
+            return seat_address(seat)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the flock
+            self._lock = -1
 
 
 def bundle_identity(bundle: str) -> int:

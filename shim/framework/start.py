@@ -221,7 +221,7 @@ def start(flags) -> int:
             return 1
         adjust_oom_score(pid)
     reply = protocol.reply(address)
-    write_address(bundle, reply)
+    write_address(bundle, protocol.address_file(address))
     if bootstrap:
         from shim.api.containerd.runtime.bootstrap.v1 import BootstrapResult
 

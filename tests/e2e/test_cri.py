@@ -232,6 +232,15 @@ async def test_pod_runs_on_pyshim_with_one_shim_for_its_containers(cri):
             ]
             # A pod of 3 containers (and its pause container): exactly one pyshim process.
             assert _daemons(cri) == daemons
+            # containerd 2.x attaches a pod's containers to its sandbox's shim without running
+            # `start` for them, as the shim announces Task API version 3 there (runc-v2 does);
+            # 1.x runs `start`, which finds the pod's daemon by the sandbox id.
+            for cid in cids:
+                bundle = cri.bundle_dir(CRI_NAMESPACE, cid)
+                if cri.target.id.startswith("2"):
+                    assert not (bundle / "address").exists() and (bundle / "bootstrap.json").exists(), cid
+                else:
+                    assert (bundle / "address").exists(), cid
             for cid in cids:
                 status = await _status(client, cid)
                 assert status.state == cri_v1.ContainerState.CONTAINER_RUNNING, status

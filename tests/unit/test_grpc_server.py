@@ -295,7 +295,7 @@ def test_choice(tmp_path, monkeypatch):
     assert (on17.name, on17.version, "30 minutes" in on17.note) == ("grpc", 2, True)  # logged caveat
     # containerd 2.x would take version 3, but drops gRPC shims at once: ttrpc unless forced
     dropped = choose(env17, "/c21", False)
-    assert (dropped.name, "containerd 2.x drops" in dropped.note) == ("ttrpc", True)
+    assert (dropped.name, dropped.version, "containerd 2.x drops" in dropped.note) == ("ttrpc", 3, True)
     forced = {**env17, GRPC_ON_CONTAINERD2_ENV: "1"}
     assert choose(forced, "/c21", False) == Protocol("grpc", 3)
     assert choose(forced, "/c21", True) == Protocol("grpc", 3)  # 2.3's BootstrapParams
@@ -307,6 +307,25 @@ def test_choice(tmp_path, monkeypatch):
     fallback = choose(env17, "/unknown", False)
     assert (fallback.name, "/unknown" in fallback.note) == ("ttrpc", True)
     assert choose({PROTOCOL_ENV: "http"}, "/c17", False).name == "ttrpc"
+
+
+def test_ttrpc_announces_version_3_to_containerd_2(monkeypatch):
+    # As containerd 2.x's own runc shim: then 2.x attaches a pod's containers to the
+    # sandbox's shim without `start` (protocol reference §2.10). 1.6 and 1.7 get the plain
+    # address, and so does a containerd whose version cannot be read.
+    import shim.framework.bootstrap as bootstrap
+
+    majors = {"/c17": 1, "/c21": 2}
+    monkeypatch.setattr(bootstrap, "containerd_major_version", majors.get)
+    assert choose({"MAX_SHIM_VERSION": "2"}, "/c21", False) == Protocol("ttrpc", 3)
+    assert choose({"MAX_SHIM_VERSION": "2"}, "/c17", False) == Protocol("ttrpc", 2)
+    assert choose({"MAX_SHIM_VERSION": "2"}, "/unknown", False) == Protocol("ttrpc", 2)
+    assert choose({}, "/c21", False) == Protocol("ttrpc", 2)  # 1.6 sets no MAX_SHIM_VERSION
+    v3 = Protocol("ttrpc", 3)
+    assert json.loads(v3.reply("unix:///run/containerd/s/ab")) == {
+        "version": 3, "address": "unix:///run/containerd/s/ab", "protocol": "ttrpc"}
+    assert v3.address_file("unix:///run/containerd/s/ab") == "unix:///run/containerd/s/ab"
+    assert Protocol("grpc", 2).address_file("/run/containerd/s/cd") == Protocol("grpc", 2).reply("/run/containerd/s/cd")
 
 
 def test_replies_and_environment():
