@@ -132,6 +132,10 @@ class CriConfig:
     #: runc Root, PrivateContainerd.cri_runc_root_of(name). Nested tables (HandlerOptions)
     #: become TOML tables.
     extra_handlers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    #: A handler served by containerd's own runc shim (io.containerd.runc.v2) beside pyshim's,
+    #: for side-by-side comparisons (hack/bench_lib.py's pods); "" for none. Same BinaryName
+    #: and SystemdCgroup, its own runc Root, PrivateContainerd.cri_runc_root_of(name).
+    runc_handler: str = ""
 
 
 # ------------------------------------------------------------------------------------------
@@ -551,6 +555,10 @@ class PrivateContainerd:
             extra = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(name)),
                      "SystemdCgroup": False, **table}
             lines += self._runtime_lines(section, name, PYSHIM_RUNTIME, extra)
+        if cri.runc_handler:
+            runc = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(cri.runc_handler)),
+                    "SystemdCgroup": False}
+            lines += self._runtime_lines(section, cri.runc_handler, RUNC_RUNTIME, runc)
         return lines
 
     def _runtime_lines(self, section: str, name: str, runtime_type: str,
@@ -558,9 +566,10 @@ class PrivateContainerd:
         """One runtime handler's table and its options (nested tables as TOML tables)."""
         handler = f"{section}.containerd.runtimes.{_toml_key(name)}"
         lines = [f"  [{handler}]", f"    runtime_type = {json.dumps(runtime_type)}"]
-        if self.target.id == "1.6":
-            # 1.6 decodes the table into runtimeoptions.v1.Options itself: the runc options
-            # can only travel in a file.
+        if self.target.id == "1.6" and runtime_type != RUNC_RUNTIME:
+            # 1.6 decodes the table into runtimeoptions.v1.Options itself (runc's own shim
+            # gets its runc options, decoded as such): the runc options can only travel in a
+            # file.
             lines.append(f"  [{handler}.options]")
             path = self.dir / f"cri-{name}-options.toml"
             path.write_text("".join(f"{line}\n" for line in _toml_table(None, options, indent="")))
@@ -579,8 +588,10 @@ class PrivateContainerd:
     @property
     def cri_runc_roots(self) -> list[Path]:
         """Every CRI handler's runc root (each holds one directory per namespace)."""
-        extra = self.cri.extra_handlers if self.cri is not None else {}
-        return [self.cri_runc_root, *(self.cri_runc_root_of(name) for name in extra)]
+        if self.cri is None:
+            return [self.cri_runc_root]
+        names = [*self.cri.extra_handlers, *([self.cri.runc_handler] if self.cri.runc_handler else [])]
+        return [self.cri_runc_root, *(self.cri_runc_root_of(name) for name in names)]
 
     def start(self, timeout: float = 30.0) -> PrivateContainerd:
         sweep_stale(self.dir.parent)
