@@ -7,6 +7,7 @@ Run it through hack/bench (which installs what is needed, as hack/test does), as
     hack/bench --containerd 1.6 --pairs 50 --idle 10
     hack/bench --json-only              only the final JSON line on stdout
     hack/bench --scale 50 --dense 100 --dense-containers 200
+    hack/bench --pods 10 --churn 600    pod lifecycles through the CRI; 600 containers, 16 at once
 
 One private containerd (tests/e2e/containerd.py) with the locally built busybox image in a
 fresh namespace, then:
@@ -33,6 +34,17 @@ fresh namespace, then:
    runtime options `ContainersPerDaemon = N` (so ceil(M/N) daemons), next to M through
    runc-v2 (2d's figures when M = K); the same sums per container, against the target of
    issue 13 (<= 1.0 MB Pss per container).
+2f. pods through the CRI (--pods N, 0 to skip): a second private containerd with the CRI
+   plugin, a `pyshim` and a `runc` runtime handler, the static pause image of the e2e tests;
+   N pairs of pod lifecycles, one per handler, the order alternating (after the warm-up
+   pairs): RunPodSandbox, --pod-containers K busybox `sleep 1000` containers created,
+   started and RUNNING, each stopped and removed, StopPodSandbox, RemovePodSandbox. Wall of
+   the whole lifecycle and of its parts; median of the per-pair ratios pyshim/runc-v2.
+2g. churn (--churn N, 0 to skip): N `ctr run --rm IMAGE <id> true` per runtime,
+   --churn-concurrency C at a time, one runtime after the other (order alternating over
+   --churn-rounds), while one long-lived container of that runtime gets `ctr task exec ...
+   true` in a loop: wall per runtime, their ratio, execs that got through meanwhile. Issue's
+   target: 600 at concurrency 16 no slower than runc-v2.
 3. start cost: `containerd-shim-pyshim-v2 -v`, the bare interpreter, and `python -X
    importtime` of what the start command, the daemon and the delete command import.
 4. profile (--profile N runs, 0 to skip): pyshim through a traced entry point
@@ -49,7 +61,9 @@ from __future__ import annotations
 
 import argparse
 import array
+import asyncio
 import calendar
+import contextlib
 import json
 import os
 import platform
@@ -62,6 +76,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +85,9 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parents[1]
 HACK = REPO / "hack"
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
+# the CRI messages of the pods step (shim.api.runtime) from this checkout, not from wherever
+# the venv's editable install points
+sys.path.insert(1, str(REPO))
 
 import containerd as e2e  # noqa: E402  (tests/e2e/containerd.py, after the sys.path tweak)
 
@@ -91,6 +109,8 @@ TARGET_EXEC_RATIO = 1.5
 TARGET_STDIO_RATIO = 0.8
 #: Issue 13: a dense pyshim costs at most 1.0 MB (10^6 bytes) of Pss per container.
 TARGET_DENSE_PSS_MB = 1.0
+#: The issue's churn target: 600 containers at concurrency 16 no slower than runc-v2.
+TARGET_CHURN_RATIO = 1.0
 
 #: `ctr run -d` and cleanup calls at once in the memory-at-scale steps: enough to keep two cores
 #: busy without making each start wait on containerd's and the shims' CPU.
@@ -325,13 +345,13 @@ def private_kb(roll: dict[str, int]) -> int:
 
 
 def in_pool(fn: Callable[[T], R], items: Iterable[T],
-            on_abort: Callable[[], None] | None = None) -> list[R]:
-    """fn over items, SCALE_WORKERS threads at a time; the results in the items' order.
+            on_abort: Callable[[], None] | None = None, workers: int = SCALE_WORKERS) -> list[R]:
+    """fn over items, `workers` threads at a time; the results in the items' order.
 
     On an exception (fn's own, or Ctrl-C / SIGTERM, which reach the main thread waiting here)
     on_abort runs, the items not started yet are dropped, and the calls already running are
     waited for before it propagates: no thread of ours outlives the step that started it."""
-    pool = ThreadPoolExecutor(SCALE_WORKERS, thread_name_prefix="bench")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="bench")
     try:
         futures = [pool.submit(fn, x) for x in items]
         return [f.result() for f in futures]
@@ -341,6 +361,47 @@ def in_pool(fn: Callable[[T], R], items: Iterable[T],
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CtrProcesses:
+    """ctr processes run from several threads at once, which one call can end: after stop()
+    no new one starts and those running are killed (by pid: they are ours). A step's cleanup
+    (cleanup_namespace, close()) then removes what they made."""
+
+    def __init__(self, c: e2e.PrivateContainerd) -> None:
+        self.c = c
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+
+    def run(self, argv: list[str], timeout: float) -> tuple[int, str] | None:
+        """(exit status, stderr) of argv (stdout to /dev/null); None when stop() came first.
+        A timeout kills it and counts as a failure (status -9)."""
+        if self.stopping.is_set():
+            return None
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env=self.c.env(), cwd=self.c.dir)
+        with self._lock:
+            self._running.add(p)
+            if self.stopping.is_set():  # stop() ran its kill loop before we got here
+                p.kill()
+        try:
+            _out, err = p.communicate(timeout=timeout)
+            text = err.decode(errors="replace").strip()
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            text = f"timed out after {timeout:g}s"
+        finally:
+            with self._lock:
+                self._running.discard(p)
+        return p.returncode, text
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            for p in self._running:
+                p.kill()
 
 
 # -- the bench ----------------------------------------------------------------------------------
@@ -635,45 +696,22 @@ class Bench:
         flags), SCALE_WORKERS at a time. After the first failure no more are started; on a
         failure, Ctrl-C or SIGTERM the ctr processes still running are killed (by pid: they
         are ours), and the caller's cleanup removes what they made."""
-        lock = threading.Lock()
-        running: set[subprocess.Popen] = set()
-        stopping = threading.Event()
+        procs = CtrProcesses(self.c)
 
         def start(run: tuple[str, str, tuple[str, ...]]) -> str:
             runtime, cid, flags = run
-            if stopping.is_set():
+            if procs.stopping.is_set():
                 return ""
             self.note(cid, ns)
             argv = self.ctr_argv("run", "-d", *flags, "--runtime", runtime, e2e.IMAGE_REF, cid,
                                  "sleep", "3600", namespace=ns)
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, env=self.c.env(), cwd=self.c.dir)
-            with lock:
-                running.add(p)
-                if stopping.is_set():  # the main thread's kill loop ran before we got here
-                    p.kill()
-            try:
-                _out, err = p.communicate(timeout=SCALE_START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-                err = f"timed out after {SCALE_START_TIMEOUT:g}s".encode()
-            finally:
-                with lock:
-                    running.discard(p)
-            if p.returncode == 0 or stopping.is_set():
+            done = procs.run(argv, SCALE_START_TIMEOUT)
+            if done is None or done[0] == 0 or procs.stopping.is_set():
                 return ""
-            stopping.set()
-            return (f"ctr run -d --runtime {runtime} ... {cid} exited {p.returncode}: "
-                    f"{err.decode(errors='replace').strip()}")
+            procs.stopping.set()
+            return f"ctr run -d --runtime {runtime} ... {cid} exited {done[0]}: {done[1]}"
 
-        def stop_all() -> None:
-            stopping.set()
-            with lock:
-                for p in running:
-                    p.kill()
-
-        errors = [e for e in in_pool(start, runs, on_abort=stop_all) if e]
+        errors = [e for e in in_pool(start, runs, on_abort=procs.stop) if e]
         if errors:
             raise BenchError(f"{len(errors)} container start(s) failed: {errors[0]}\n"
                              f"--- containerd log tail ---\n{self.c.log_tail(30)}")
@@ -877,6 +915,103 @@ class Bench:
         out["expected_daemons"] = -(-m // n)
         return out
 
+    # 2g. churn ---------------------------------------------------------------------------------
+
+    def churn(self) -> dict:
+        """--churn N `ctr run --rm IMAGE <id> true` per runtime, --churn-concurrency C at a time,
+        one runtime after the other (the order alternating over --churn-rounds), while a
+        long-lived container of the same runtime gets `ctr task exec ... true` in a loop: the
+        wall time of the N runs, and how many execs got through meanwhile (a shim that
+        starves its execs under churn, or the reverse, shows here)."""
+        a = self.args
+        targets = {rt: f"chx-{SHORT[rt].replace('-', '')}" for rt in (PYSHIM, RUNC)}
+        progress(f"churn: {a.churn_rounds} round(s) of {a.churn} `ctr run --rm IMAGE <id> true` "
+                 f"per runtime, {a.churn_concurrency} at a time, with `ctr task exec` in a loop "
+                 "beside")
+        try:
+            for rt, cid in targets.items():
+                self.note(cid)
+                self.ctr("run", "-d", "--runtime", rt, e2e.IMAGE_REF, cid, "sleep", "3600")
+            rounds: dict[str, list[dict]] = {PYSHIM: [], RUNC: []}
+            ratios = []
+            for r in range(a.churn_rounds):
+                order = (PYSHIM, RUNC) if r % 2 == 0 else (RUNC, PYSHIM)
+                for rt in order:
+                    res = self.churn_round(rt, r, targets[rt])
+                    progress(f"  round {r + 1}, {SHORT[rt]}: {a.churn} runs in {res['wall']:.1f} s,"
+                             f" {res['execs']} execs beside")
+                    rounds[rt].append(res)
+                ratios.append(rounds[PYSHIM][-1]["wall"] / rounds[RUNC][-1]["wall"])
+        finally:
+            progress("churn: killing and removing the churn's containers")
+            self.c.cleanup_namespace(self.ns, timeout=20)
+        out: dict = {"n": a.churn, "concurrency": a.churn_concurrency, "rounds": a.churn_rounds,
+                     "ratio": median(ratios), "ratios": ratios, "runtimes": {}}
+        for rt, rs in rounds.items():
+            execs = [r["execs"] for r in rs]
+            out["runtimes"][rt] = {
+                "wall": median(r["wall"] for r in rs),
+                "per_s": median(a.churn / r["wall"] for r in rs),
+                "execs": median(execs), "exec_counts": execs,
+                "exec_ms": median(ms for r in rs for ms in r["exec_ms"]),
+                "exec_p90_ms": percentile([ms for r in rs for ms in r["exec_ms"]], 90),
+            }
+        return out
+
+    def churn_round(self, runtime: str, rnd: int, target: str) -> dict:
+        """One runtime's churn: the runs through in_pool, the exec loop on a thread of its own;
+        both end (their ctr processes killed) on the first failure, Ctrl-C or SIGTERM."""
+        a = self.args
+        short = SHORT[runtime].replace("-", "")
+        procs = CtrProcesses(self.c)
+        finished = threading.Event()
+        exec_ms: list[float] = []
+        exec_errors: list[str] = []
+
+        def exec_loop() -> None:
+            i = 0
+            while not finished.is_set():
+                t = time.perf_counter()
+                done = procs.run(self.ctr_argv("task", "exec", "--exec-id", f"cx{rnd}-{i}",
+                                               target, "true"), timeout=60)
+                if done is None or procs.stopping.is_set():
+                    return
+                if done[0] != 0:
+                    exec_errors.append(f"ctr task exec --exec-id cx{rnd}-{i} {target} true "
+                                       f"exited {done[0]}: {done[1]}")
+                    return
+                exec_ms.append((time.perf_counter() - t) * 1000)
+                i += 1
+
+        def run(cid: str) -> str:
+            if procs.stopping.is_set():
+                return ""
+            self.note(cid)
+            done = procs.run(self.ctr_argv("run", "--rm", "--runtime", runtime, e2e.IMAGE_REF,
+                                           cid, "true"), SCALE_START_TIMEOUT)
+            if done is None or done[0] == 0 or procs.stopping.is_set():
+                return ""
+            procs.stop()  # the others' figures would be of a different load: end the round
+            return f"ctr run --rm --runtime {runtime} ... {cid} exited {done[0]}: {done[1]}"
+
+        ids = [f"ch{rnd}-{short}-{i:04d}" for i in range(a.churn)]
+        execs = threading.Thread(target=exec_loop, name="bench-churn-exec")
+        t = time.perf_counter()
+        execs.start()
+        try:
+            errors = [e for e in in_pool(run, ids, on_abort=procs.stop,
+                                         workers=a.churn_concurrency) if e]
+            wall = time.perf_counter() - t
+        finally:
+            finished.set()
+            execs.join()
+        if errors or exec_errors:
+            raise BenchError(f"churn of {SHORT[runtime]}: {len(errors)} run(s) failed"
+                             f"{', e.g. ' + errors[0] if errors else ''}; "
+                             f"{exec_errors[0] if exec_errors else 'no exec failed'}\n"
+                             f"--- containerd log tail ---\n{self.c.log_tail(30)}")
+        return {"wall": wall, "execs": len(exec_ms), "exec_ms": exec_ms}
+
     def import_memory(self) -> list[tuple[str, dict[str, int]]]:
         """Private memory of a bare interpreter and after importing what the daemon imports
         (each a fresh process of ours, measured while it waits on stdin, then ended)."""
@@ -1008,6 +1143,217 @@ class Bench:
         records = parse_trace(trace)
         marks = containerd_marks(self.c.log_path, {r["id"] for r in runs})
         return analyse_profile(runs, records, marks)
+
+
+# -- 2f. pods through the CRI -------------------------------------------------------------------
+
+CRI_NAMESPACE = "k8s.io"  # the CRI plugin's, always
+#: The pods step's runtime handlers (RuntimeClasses), one per runtime.
+POD_HANDLER = {PYSHIM: "pyshim", RUNC: "runc"}
+#: What a pod's containers run: still RUNNING when looked at, and ended by StopContainer's
+#: SIGTERM (they share the pod's pid namespace, whose init is pause: sleep is no init there,
+#: which would ignore it and cost the whole grace period).
+POD_COMMAND = ("sleep", "1000")
+#: StopContainer's grace period (s): only reached if SIGTERM did not end a container.
+POD_STOP_TIMEOUT = 10
+#: Parts of one pod's lifecycle: (key, label).
+POD_PHASES = [
+    ("sandbox", "RunPodSandbox (pause container)"),
+    ("start", "CreateContainer + StartContainer, until all RUNNING"),
+    ("stop", "StopContainer + RemoveContainer"),
+    ("teardown", "StopPodSandbox + RemovePodSandbox"),
+]
+
+
+def cri_containerd(version: str, base: Path) -> e2e.PrivateContainerd:
+    """A PrivateContainerd (not started) with the CRI plugin and a handler per runtime, as
+    tests/e2e/test_cri.py's has: the pods' cgroup parent is named after the instance, so that
+    close() kills and removes their cgroups."""
+    from pause_image import PAUSE_IMAGE_REF
+
+    c = e2e.PrivateContainerd(version, base_dir=base, cri=e2e.CriConfig(
+        sandbox_image=PAUSE_IMAGE_REF, handler=POD_HANDLER[PYSHIM],
+        runc_handler=POD_HANDLER[RUNC]))
+    c.cgroup_parent = f"pyshim-{c.token}-bench-pods"  # type: ignore[attr-defined]
+    c.namespaces.append(c.cgroup_parent)  # type: ignore[attr-defined]
+    return c
+
+
+class PodBench:
+    """2f. --pods N pairs of pod lifecycles through the CRI, pyshim's handler against runc-v2's,
+    as the kubelet drives them: RunPodSandbox, --pod-containers K containers created, started
+    and RUNNING, each stopped and removed, StopPodSandbox, RemovePodSandbox. On containerd 2.x
+    both shims announce Task API version 3, so a pod's containers join its sandbox's shim with
+    no `shim start` each; 1.x runs `start` per container (and pyshim's finds the pod's daemon)."""
+
+    def __init__(self, c: e2e.PrivateContainerd, args: argparse.Namespace, image: Path) -> None:
+        self.c = c
+        self.args = args
+        self.image = image
+
+    def run(self) -> dict:
+        """Start the containerd with both images known to the CRI, then measure."""
+        from pause_image import PAUSE_IMAGE_REF, build_pause_image
+
+        pause = build_pause_image(e2e.image_cache_dir())
+        progress(f"pods: containerd {self.args.containerd} with the CRI plugin in {self.c.dir}")
+        self.c.start()
+        self.c.import_image(self.image, CRI_NAMESPACE)
+        self.c.ctr("images", "import", "--no-unpack", str(pause), namespace=CRI_NAMESPACE,
+                   timeout=120, check=True)
+        return asyncio.run(self.measure([e2e.IMAGE_REF, PAUSE_IMAGE_REF]))
+
+    async def measure(self, images: list[str]) -> dict:
+        from cri_client import CriClient
+
+        a = self.args
+        progress(f"pods: {a.warmup} warm-up + {a.pods} measured pairs of pod lifecycles, "
+                 f"{a.pod_containers} `{' '.join(POD_COMMAND)}` container(s) each")
+        runs: dict[str, list[dict[str, float]]] = {PYSHIM: [], RUNC: []}
+        ratios = []
+        async with CriClient(self.c.address) as client:
+            await self.wait_for_images(client, images)
+            for i in range(a.warmup + a.pods):
+                order = (PYSHIM, RUNC) if i % 2 == 0 else (RUNC, PYSHIM)
+                pair = {}
+                for rt in order:
+                    tag = "wu" if i < a.warmup else "pod"
+                    pair[rt] = await self.pod(client, rt, f"{tag}-{i:03d}-{POD_HANDLER[rt]}")
+                if i >= a.warmup:
+                    for rt in order:
+                        runs[rt].append(pair[rt])
+                    ratios.append(pair[PYSHIM]["total"] / pair[RUNC]["total"])
+                    n = i - a.warmup + 1
+                    if n % 10 == 0 or n == a.pods:
+                        progress(f"  {n}/{a.pods} pairs")
+        out: dict = {"pods": a.pods, "containers": a.pod_containers, "ratios": ratios,
+                     "ratio": median(ratios), "ratio_p10": percentile(ratios, 10),
+                     "ratio_p90": percentile(ratios, 90), "runtimes": {}}
+        for rt, rs in runs.items():
+            ms = [r["total"] for r in rs]
+            out["runtimes"][rt] = {
+                "median": median(ms), "p10": percentile(ms, 10), "p90": percentile(ms, 90),
+                "phases": {key: median(r[key] for r in rs) for key, _label in POD_PHASES},
+            }
+        return out
+
+    async def wait_for_images(self, client, refs: list[str], timeout: float = 20) -> None:
+        """The CRI plugin learns of imported images from containerd's events."""
+        from shim.api.runtime import v1 as cri_v1
+
+        deadline = time.monotonic() + timeout
+        for ref in refs:
+            while True:
+                reply = await client.image(
+                    "ImageStatus", cri_v1.ImageStatusRequest(image=cri_v1.ImageSpec(image=ref)))
+                if reply.image is not None and reply.image.id:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the CRI plugin does not know {ref} after {timeout:g}s")
+                await asyncio.sleep(0.1)
+
+    def pod_config(self, name: str):
+        """Host network (no CNI plugin is installed), the pod's pid and ipc namespaces."""
+        from shim.api.runtime import v1 as cri_v1
+
+        uid = uuid.uuid4().hex
+        logs = self.c.dir / "pods" / uid
+        logs.mkdir(parents=True)
+        namespaces = cri_v1.NamespaceOption(network=cri_v1.NamespaceMode.NODE,
+                                            pid=cri_v1.NamespaceMode.POD,
+                                            ipc=cri_v1.NamespaceMode.POD)
+        return cri_v1.PodSandboxConfig(
+            metadata=cri_v1.PodSandboxMetadata(name=name, uid=uid, namespace="bench"),
+            log_directory=str(logs),
+            linux=cri_v1.LinuxPodSandboxConfig(
+                cgroup_parent=f"/{self.c.cgroup_parent}",  # type: ignore[attr-defined]
+                security_context=cri_v1.LinuxSandboxSecurityContext(
+                    namespace_options=namespaces)),
+        )
+
+    async def pod(self, client, runtime: str, name: str) -> dict[str, float]:
+        """One pod's lifecycle: ms of each POD_PHASES part and the total. On a failure the
+        pod is stopped and removed (best effort: close() removes what is left) and a
+        BenchError says which call failed."""
+        from shim.api.runtime import v1 as cri_v1
+
+        config = self.pod_config(name)
+        handler = POD_HANDLER[runtime]
+        ms: dict[str, float] = {}
+        pod = ""
+        step = "RunPodSandbox"
+        t0 = t = time.perf_counter()
+
+        def lap(key: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            ms[key] = (now - t) * 1000
+            t = now
+
+        try:
+            pod = (await client.runtime("RunPodSandbox", cri_v1.RunPodSandboxRequest(
+                config=config, runtime_handler=handler))).pod_sandbox_id
+            lap("sandbox")
+            cids = []
+            for k in range(self.args.pod_containers):
+                step = f"CreateContainer c{k}"
+                container = cri_v1.ContainerConfig(
+                    metadata=cri_v1.ContainerMetadata(name=f"c{k}"),
+                    image=cri_v1.ImageSpec(image=e2e.IMAGE_REF), command=list(POD_COMMAND),
+                    log_path=f"c{k}.log")
+                cid = (await client.runtime("CreateContainer", cri_v1.CreateContainerRequest(
+                    pod_sandbox_id=pod, config=container, sandbox_config=config))).container_id
+                cids.append(cid)
+                step = f"StartContainer c{k}"
+                await client.runtime("StartContainer",
+                                     cri_v1.StartContainerRequest(container_id=cid))
+            step = "ContainerStatus (until RUNNING)"
+            await self.wait_running(client, cids)
+            lap("start")
+            for cid in cids:
+                step = f"StopContainer {cid}"
+                await client.runtime("StopContainer", cri_v1.StopContainerRequest(
+                    container_id=cid, timeout=POD_STOP_TIMEOUT))
+                step = f"RemoveContainer {cid}"
+                await client.runtime("RemoveContainer",
+                                     cri_v1.RemoveContainerRequest(container_id=cid))
+            lap("stop")
+            step = "StopPodSandbox"
+            await client.runtime("StopPodSandbox", cri_v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+            step = "RemovePodSandbox"
+            await client.runtime("RemovePodSandbox",
+                                 cri_v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
+            lap("teardown")
+        except Exception as exc:
+            if pod:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(30):
+                        await client.runtime("StopPodSandbox",
+                                             cri_v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+                        await client.runtime("RemovePodSandbox",
+                                             cri_v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
+            raise BenchError(f"pod {name} (handler {handler}): {step} failed: {exc}\n"
+                             f"--- containerd log tail ---\n{self.c.log_tail(40)}") from exc
+        ms["total"] = (time.perf_counter() - t0) * 1000
+        return ms
+
+    async def wait_running(self, client, cids: list[str], timeout: float = 30) -> None:
+        """StartContainer returns once the task started: this checks that none died since."""
+        from shim.api.runtime import v1 as cri_v1
+
+        deadline = time.monotonic() + timeout
+        for cid in cids:
+            while True:
+                status = (await client.runtime("ContainerStatus", cri_v1.ContainerStatusRequest(
+                    container_id=cid))).status
+                if status.state == cri_v1.ContainerState.CONTAINER_RUNNING:
+                    break
+                if status.state == cri_v1.ContainerState.CONTAINER_EXITED:
+                    raise BenchError(f"{cid} exited {status.exit_code} ({status.reason}) "
+                                     "instead of running")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{cid} not RUNNING after {timeout:g}s: {status.state}")
+                await asyncio.sleep(0.01)
 
 
 # -- importtime and trace parsing ---------------------------------------------------------------
@@ -1228,7 +1574,8 @@ def scale_report(res: dict, settle: float) -> list[str]:
 
 def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | None,
            ex: dict | None = None, st: dict | None = None, scale: dict | None = None,
-           dense: dict | None = None) -> str:
+           dense: dict | None = None, pods: dict | None = None,
+           churn: dict | None = None) -> str:
     out = []
     w = out.append
     w(f"pyshim vs containerd-shim-runc-v2 on containerd {info['containerd']} "
@@ -1320,6 +1667,35 @@ def report(info: dict, lc: dict, mem: dict, imem: list, sc: dict, prof: dict | N
         w(f"  target <= {TARGET_DENSE_PSS_MB:g} MB (10^6 bytes) Pss per container: pyshim "
           f"{mb:.2f} MB ({per_container_mib(p, 'pss'):.2f} MiB): "
           + ("met" if mb <= TARGET_DENSE_PSS_MB else "NOT met"))
+    if pods:
+        w("")
+        w(f"2f. Pods through the CRI: RunPodSandbox, {pods['containers']} busybox "
+          f"`{' '.join(POD_COMMAND)}` container(s) created, started, RUNNING, stopped and "
+          f"removed, StopPodSandbox, RemovePodSandbox; {pods['pods']} pairs after "
+          f"{info['warmup']} warm-up pairs (ms, wall of the lifecycle)")
+        rts = pods["runtimes"]
+        w(table(["runtime", "median", "p10", "p90"], [
+            [SHORT[rt], fmt(s["median"]), fmt(s["p10"]), fmt(s["p90"])] for rt, s in rts.items()
+        ]))
+        w(f"  median of per-pair ratios pyshim/runc-v2: {pods['ratio']:.2f} "
+          f"(p10 {pods['ratio_p10']:.2f}, p90 {pods['ratio_p90']:.2f})")
+        w(table(["part (median ms)", "pyshim", "runc-v2", "extra"], [
+            [label, fmt(rts[PYSHIM]["phases"][key]), fmt(rts[RUNC]["phases"][key]),
+             fmt(rts[PYSHIM]["phases"][key] - rts[RUNC]["phases"][key])]
+            for key, label in POD_PHASES
+        ]))
+    if churn:
+        w("")
+        w(f"2g. Churn: {churn['n']} `ctr run --rm IMAGE <id> true` per runtime, "
+          f"{churn['concurrency']} at a time, `ctr task exec <cid> true` in a loop into a "
+          f"container of the same runtime meanwhile; median of {churn['rounds']} round(s)")
+        rts = churn["runtimes"]
+        w(table(["runtime", "wall s", "runs/s", "execs", "exec ms", "exec p90 ms"], [
+            [SHORT[rt], fmt(s["wall"], 2), fmt(s["per_s"]), fmt(s["execs"], 0),
+             fmt(s["exec_ms"]), fmt(s["exec_p90_ms"])] for rt, s in rts.items()
+        ]))
+        w(f"  wall ratio pyshim/runc-v2: {churn['ratio']:.2f} (rounds: "
+          + ", ".join(f"{x:.2f}" for x in churn["ratios"]) + f"; target <= {TARGET_CHURN_RATIO:g})")
     w("")
     w(f"3. Start cost (median of {info['repeat']} runs, ms)")
     w(table(["command", "wall"], [
@@ -1422,6 +1798,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="dense mode: ContainersPerDaemon for pyshim, 0 to skip (0)")
     ap.add_argument("--dense-containers", type=int, default=100, metavar="M",
                     help="dense mode: containers per runtime alive at once (100)")
+    ap.add_argument("--pods", type=int, default=0, metavar="N",
+                    help="pod lifecycles through the CRI: measured pairs, 0 to skip (0)")
+    ap.add_argument("--pod-containers", type=int, default=2, metavar="K",
+                    help="containers per pod besides the sandbox (2)")
+    ap.add_argument("--churn", type=int, default=0, metavar="N",
+                    help="churn: `ctr run --rm` containers per runtime and round, 0 to skip (0)")
+    ap.add_argument("--churn-concurrency", type=int, default=16, metavar="C",
+                    help="churn: runs at once (16)")
+    ap.add_argument("--churn-rounds", type=int, default=1, metavar="R",
+                    help="churn: rounds, the runtime order alternating (1)")
     ap.add_argument("--repeat", type=int, default=10,
                     help="runs of each start-cost command (10)")
     ap.add_argument("--profile", type=int, default=10, metavar="N",
@@ -1444,6 +1830,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--exec-concurrent, --exec-rounds, --stdio-mib and --stdio-runs must be >= 1")
     if a.scale < 0 or a.dense < 0 or a.dense_containers < 1:
         ap.error("--scale and --dense must be >= 0, --dense-containers >= 1")
+    if a.pods < 0 or a.pod_containers < 0 or a.churn < 0:
+        ap.error("--pods, --pod-containers and --churn must be >= 0")
+    if a.churn_concurrency < 1 or a.churn_rounds < 1:
+        ap.error("--churn-concurrency and --churn-rounds must be >= 1")
     return a
 
 
@@ -1461,6 +1851,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(os.environ.get("PYSHIM_BENCH_TMP", tempfile.gettempdir())) / "pyshim-bench"
     c: e2e.PrivateContainerd | None = None
+    #: the pods step's containerd, while it runs
+    cri: e2e.PrivateContainerd | None = None
+    leftovers: list[str] = []
     rc = 0
     try:
         image = e2e.build_busybox_image(e2e.image_cache_dir())
@@ -1484,13 +1877,22 @@ def main(argv: list[str] | None = None) -> int:
         st = None if args.no_stdio else bench.stdio()
         scale = bench.scale_memory() if args.scale else None
         dense = bench.dense_memory(scale) if args.dense else None
+        pods = None
+        if args.pods:
+            cri = cri_containerd(args.containerd, base)
+            pods = PodBench(cri, args, image).run()
+            progress("pods: cleaning up (pods, shims, containerd, temp dirs)")
+            leftovers += cri.close()
+            cri = None
+        churn = bench.churn() if args.churn else None
         imem = bench.import_memory()
         sc = bench.start_cost()
         prof = bench.profile() if args.profile else None
         if not args.json_only:
-            print(report(info, lc, mem, imem, sc, prof, ex, st, scale, dense))
+            print(report(info, lc, mem, imem, sc, prof, ex, st, scale, dense, pods, churn))
             print()
-        print(json.dumps(summary(info, lc, mem, sc, prof, ex, st, scale, dense)), flush=True)
+        print(json.dumps(summary(info, lc, mem, sc, prof, ex, st, scale, dense, pods, churn)),
+              flush=True)
     except KeyboardInterrupt:
         print("\nbench: interrupted; cleaning up", file=sys.stderr)
         rc = 130
@@ -1506,12 +1908,15 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(c.log_path, args.save_log)
             except OSError as exc:
                 print(f"bench: cannot save the log: {exc}", file=sys.stderr)
+        if cri is not None:
+            progress("pods: cleaning up (pods, shims, containerd, temp dirs)")
+            leftovers += cri.close()
         if c is not None:
             progress("cleaning up (containers, shims, containerd, temp dirs)")
-            left = c.close()
-            if left:
-                print("bench: leftovers after cleanup:\n  " + "\n  ".join(left), file=sys.stderr)
-                rc = rc or 1
+            leftovers += c.close()
+        if leftovers:
+            print("bench: leftovers after cleanup:\n  " + "\n  ".join(leftovers), file=sys.stderr)
+            rc = rc or 1
         try:
             base.rmdir()  # only when no other bench is using it
         except OSError:
@@ -1521,7 +1926,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
             ex: dict | None = None, st: dict | None = None, scale: dict | None = None,
-            dense: dict | None = None) -> dict:
+            dense: dict | None = None, pods: dict | None = None,
+            churn: dict | None = None) -> dict:
     py, rc = lc["runtimes"][PYSHIM], lc["runtimes"][RUNC]
     p, r = mem[PYSHIM], mem[RUNC]
     out = {
@@ -1581,6 +1987,23 @@ def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
         out["dense_per_daemon"] = dense["per_daemon"]
         out["dense_pss_per_container_mb"] = r2(dense_mb(dense[PYSHIM]), 3)
         out["meets_dense_target"] = dense_mb(dense[PYSHIM]) <= TARGET_DENSE_PSS_MB
+    if pods:
+        out["pod_ratio"] = r2(pods["ratio"], 3)
+        out["pod_ratio_p10"], out["pod_ratio_p90"] = r2(pods["ratio_p10"], 3), r2(pods["ratio_p90"], 3)
+        out["pod_pyshim_ms"] = r2(pods["runtimes"][PYSHIM]["median"])
+        out["pod_runc_ms"] = r2(pods["runtimes"][RUNC]["median"])
+        out["pods"], out["pod_containers"] = pods["pods"], pods["containers"]
+        out["pod_phases_ms"] = {SHORT[rt]: {k: r2(v) for k, v in s["phases"].items()}
+                                for rt, s in pods["runtimes"].items()}
+    if churn:
+        py, rc = churn["runtimes"][PYSHIM], churn["runtimes"][RUNC]
+        out["churn_ratio"] = r2(churn["ratio"], 3)
+        out["churn_pyshim_s"], out["churn_runc_s"] = r2(py["wall"], 3), r2(rc["wall"], 3)
+        out["churn_n"], out["churn_concurrency"] = churn["n"], churn["concurrency"]
+        out["churn_rounds"] = churn["rounds"]
+        out["churn_execs_pyshim"], out["churn_execs_runc"] = py["execs"], rc["execs"]
+        out["churn_exec_pyshim_ms"], out["churn_exec_runc_ms"] = r2(py["exec_ms"]), r2(rc["exec_ms"])
+        out["meets_churn_target"] = churn["ratio"] <= TARGET_CHURN_RATIO
     if prof:
         out["profile_ms"] = {k: r2(v) for k, v in prof["durations"].items()}
         out["profile_timeline_ms"] = {k: r2(v) for v, k in prof["timeline"]}
