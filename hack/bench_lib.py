@@ -1244,8 +1244,12 @@ class PodBench:
         deadline = time.monotonic() + timeout
         for ref in refs:
             while True:
-                reply = await client.image(
-                    "ImageStatus", cri_v1.ImageStatusRequest(image=cri_v1.ImageSpec(image=ref)))
+                try:
+                    reply = await client.image("ImageStatus", cri_v1.ImageStatusRequest(
+                        image=cri_v1.ImageSpec(image=ref)))
+                except Exception as exc:  # grpclib's errors: main() reports BenchError
+                    raise BenchError(f"ImageStatus {ref}: {exc}\n--- containerd log tail ---\n"
+                                     f"{self.c.log_tail(30)}") from exc
                 if reply.image is not None and reply.image.id:
                     break
                 if time.monotonic() > deadline:
