@@ -19,6 +19,7 @@ socket and the zygote forks a daemon that serves at once.
 The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root>``):
 
 * imports what the daemon imports, warms betterproto2's per-class metadata, `gc.freeze()`s,
+  fills its allocators' holes (shim/framework/forkheap.py: daemons then copy fewer pages),
   then binds its socket (mode 0600, dir 0700) and holds the flock for its whole life, so at
   most one zygote per installation is alive or starting;
 * a plain blocking accept loop, no asyncio loop ever runs in it, no threads; it answers one
@@ -848,6 +849,11 @@ def main(args: list[str]) -> int:
     gc.collect()
     gc.freeze()  # the daemons' collections never touch (and so never copy) what we imported
     gc.enable()
+    from shim.framework.forkheap import fill_holes
+
+    # After the freeze: what the daemons will allocate goes to fresh pages, not into our
+    # holes (the filler lives as long as this frame: the zygote's whole life).
+    filled = fill_holes()
     try:
         idle = float(os.environ.get("PYSHIM_ZYGOTE_IDLE", DEFAULT_IDLE))
     except ValueError:
@@ -865,6 +871,6 @@ def main(args: list[str]) -> int:
     zygote.note_signals()
     zygote.bind()
     zygote.log(f"serving {path} (pyshim {__version__}, {sys.executable}); ready in "
-               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {warmed} message classes warmed, idle exit "
+               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {warmed} message classes warmed, filled {filled}, idle exit "
                f"after {idle:g} s" + (f"; not importable: {', '.join(missing)}" if missing else ""))
     return zygote.run()
