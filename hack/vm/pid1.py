@@ -1,4 +1,5 @@
-"""PID 1 of the cgroup v2 test VM, after switch_root (the host's /usr/bin/python3).
+"""PID 1 of the cgroup v2 test VM, after switch_root (the host's /usr/bin/python3), or the
+service that runs the command when systemd is PID 1 (PYSHIM_VM_INIT=systemd).
 
 It prepares what systemd would (every controller enabled for the root's children, loopback
 up), runs the caller's command as hack/vm/run-in-vm wrote it into the exchange share (argv,
@@ -109,8 +110,11 @@ def power_off(rc: int) -> None:
 def main() -> None:
     rc = EXIT_VM_FAILED
     try:
-        enable_controllers()
-        os.system("/run/vm/busybox ip link set lo up")
+        if os.getpid() == 1:
+            enable_controllers()
+            os.system("/run/vm/busybox ip link set lo up")
+        # else systemd is PID 1 (PYSHIM_VM_INIT=systemd) and we are pyshim-vm.service: systemd
+        # owns the cgroup tree and brought lo up; orphans are its to reap.
         with open("/proc/sys/kernel/hostname", "w") as f:
             f.write("pyshim-vm")
         rc = run_command()
