@@ -21,6 +21,7 @@ The parsing functions are pure (text in, values out) and unit-tested with sample
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -355,9 +356,11 @@ class Cgroup:
 
 class OomWatch:
     """An armed OOM notification; `poll()` delivers one that is pending now (so an exit
-    can be published after its OOM), `close()` releases the fd."""
+    can be published after its OOM), `close()` releases the fd.  `poll(killed=True)` is the
+    init's exit by SIGKILL: the watch may then conclude an OOM from what is left when the
+    cgroup itself is already gone (see EventsFileOomWatch)."""
 
-    def poll(self) -> None:
+    def poll(self, killed: bool = False) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -510,7 +513,7 @@ class EventfdOomWatch(OomWatch):
             raise
         self._loop.add_reader(self._fd, self.poll)
 
-    def poll(self) -> None:
+    def poll(self, killed: bool = False) -> None:
         if self._fd < 0:
             return
         try:
@@ -601,55 +604,108 @@ class CgroupV2(Cgroup):
     def watch_oom(self, on_oom: Callable[[], None]) -> OomWatch | None:
         if not os.path.exists(os.path.join(self.directory, "memory.events")):
             return None
-        return InotifyOomWatch(self.directory, on_oom)
+        return EventsFileOomWatch(self.directory, on_oom)
 
 
-class InotifyOomWatch(OomWatch):
-    """cgroup v2: inotify IN_MODIFY on memory.events; each rise of `oom_kill` is one OOM
-    (containerd 1.6.3+; 1.6.0-1.6.2 compared `oom`)."""
+class EventsFileOomWatch(OomWatch):
+    """cgroup v2: each rise of `oom_kill` in memory.events is one OOM (containerd 1.6.3+;
+    1.6.0-1.6.2 compared `oom`).
 
-    IN_MODIFY = 0x2
+    The file is held open and polled for EPOLLPRI, which the kernel raises when it changes
+    (cgroup file notification), rather than watched with inotify, whose events the kernel
+    delivers later from a work queue.  The difference matters under the systemd cgroup driver:
+    when the OOM-killed process was the last in its .scope, systemd removes the scope's cgroup
+    right after, and a watcher woken late finds memory.events gone and misses the OOM (runc-v2
+    loses that race now and then; containerd's own CRI tests skip OOMKilled under systemd).
+
+    For when even that is too late, the parent's memory.events is read beside the cgroup's
+    own at every wake: the kernel counts a kill in every ancestor as well, and the parent (the
+    pod's slice) stays.  If the init then dies by SIGKILL with its cgroup gone, and the
+    parent's oom_kill rose since the last look at ours, that kill was ours.  The one way this
+    errs is a sibling's OOM kill in that same short window while our init was SIGKILLed for
+    another reason, reported as an OOM of ours too.
+    """
 
     def __init__(self, directory: str, on_oom: Callable[[], None]) -> None:
         import asyncio
-        import ctypes
+        import select
 
         self.directory = directory
         self._on_oom = on_oom
         self._loop = asyncio.get_running_loop()
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        path = os.path.join(directory, "memory.events").encode()
-        if libc.inotify_add_watch(self._fd, path, self.IN_MODIFY) < 0:
-            err = ctypes.get_errno()
-            os.close(self._fd)
-            raise OSError(err, f"inotify_add_watch {path.decode()}")
-        self._last = self._oom_kills()
-        self._loop.add_reader(self._fd, self.poll)
+        self._fd = os.open(os.path.join(directory, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._parent_fd = os.open(os.path.join(os.path.dirname(directory), "memory.events"),
+                                      os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # the root cgroup has no memory.events
+            self._parent_fd = -1
+        self._parent_last = self._parent_oom_kills()
+        # asyncio waits for readability only, and a cgroup file is always readable: an epoll
+        # set of its own, readable when the file has EPOLLPRI, goes into the loop instead
+        self._epoll = select.epoll()
+        try:
+            self._last = self._oom_kills()
+            self._epoll.register(self._fd, select.EPOLLPRI | select.EPOLLERR)
+        except PermissionError:  # a plain file (unit tests' stand-in): polled at exits only
+            self._epoll.close()
+            self._epoll = None
+        except BaseException:
+            self._epoll.close()
+            self.close()
+            raise
+        else:
+            self._loop.add_reader(self._epoll.fileno(), self.poll)
 
     def _oom_kills(self) -> int:
-        return parse_keyed(_read(self.directory, "memory.events") or "").get("oom_kill", 0)
+        """The count, read through the open file (reading also clears its EPOLLPRI)."""
+        text = os.pread(self._fd, 4096, 0)
+        if not text:
+            raise OSError(errno.ENODEV, "the cgroup is gone")
+        return parse_keyed(text.decode()).get("oom_kill", 0)
 
-    def poll(self) -> None:
+    def _parent_oom_kills(self) -> int | None:
+        if self._parent_fd < 0:
+            return None
+        try:
+            return parse_keyed(os.pread(self._parent_fd, 4096, 0).decode()).get("oom_kill", 0)
+        except OSError:
+            return None
+
+    def poll(self, killed: bool = False) -> None:
         if self._fd < 0:
             return
         try:
-            while os.read(self._fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        if not os.path.isdir(self.directory):
-            self.close()
+            while True:  # ours and the parent's as of one moment: a kill between the reads repeats them
+                count = self._oom_kills()
+                parent = self._parent_oom_kills()
+                if self._oom_kills() == count:
+                    break
+        except OSError:  # the cgroup is gone (ENODEV): nothing more will happen in it
+            # The loop wakes us for the removal itself, before the init's exit is handled: stop
+            # waking, but keep the parent's count for that exit's poll(killed=True).
+            self._stop_waking()
+            if killed:
+                parent = self._parent_oom_kills()
+                if parent is not None and self._parent_last is not None and parent > self._parent_last:
+                    self._parent_last = parent
+                    self._on_oom()
             return
-        count = self._oom_kills()
+        self._parent_last = parent
         if count > self._last:
             self._last = count
             self._on_oom()
 
+    def _stop_waking(self) -> None:
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+
     def close(self) -> None:
         if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
+            self._stop_waking()
+            if self._parent_fd >= 0:
+                os.close(self._parent_fd)
+                self._parent_fd = -1
             os.close(self._fd)
             self._fd = -1

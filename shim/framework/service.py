@@ -51,6 +51,8 @@ OUTPUT_FLUSH_TIMEOUT = 2.0
 HANDLER_DRAIN_TIMEOUT = 5.0
 #: How long init's exit waits for running execs to be reaped.
 EXEC_EXIT_TIMEOUT = 10.0
+#: an exit status of 128+SIGKILL: how the OOM killer's victims end (rule 5)
+KILLED_STATUS = 128 + 9
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
@@ -181,6 +183,10 @@ class TaskService:
         TRACER.exit(process.container_id, process.exec_id, exit_.pid, exit_.status)
         asyncio.current_task().set_name(f"exit of {process.id} in {process.container_id}")
         container = self.containers.get(process.container_id)
+        if container is not None and process is container.init and container.oom_watch is not None:
+            # rule 6, early: under systemd's cgroup driver the init's cgroup may be gone a moment
+            # after its last process, so look before the waits below
+            container.oom_watch.poll(killed=exit_.status == KILLED_STATUS)
         if container is not None and process is container.init:
             if container.starting_execs:
                 self._pending_init_exits[container.id] = exit_  # rule 3
@@ -191,7 +197,7 @@ class TaskService:
             if not await process.io.wait_output_flushed(OUTPUT_FLUSH_TIMEOUT):
                 log.warning("%s: output still open %.0fs after exit; publishing the exit", process.id, OUTPUT_FLUSH_TIMEOUT)
         if container is not None and process is container.init and container.oom_watch is not None:
-            container.oom_watch.poll()  # rule 6
+            container.oom_watch.poll(killed=exit_.status == KILLED_STATUS)  # rule 6
         process.set_exited(exit_.status, exit_.timestamp)  # rule 4
         if isinstance(process, InitProcess):
             self._record_init_exit(process, exit_.timestamp)

@@ -404,7 +404,7 @@ class PendingOom(cgroups.OomWatch):
     def __init__(self, on_oom) -> None:
         self.on_oom, self.pending, self.closed = on_oom, True, False
 
-    def poll(self) -> None:
+    def poll(self, killed: bool = False) -> None:
         if self.pending:
             self.pending = False
             self.on_oom()
@@ -475,3 +475,54 @@ async def test_pending_oom_is_published_before_init_exit(tmp_path):
     container.oom_watch = PendingOom(lambda: svc._publish_oom("c1"))
     await svc._process_exit(container.init, Exit(pid=4242, status=137, timestamp=time.time_ns()))
     assert svc.publisher.topics == ["/tasks/oom", "/tasks/exit"]
+
+
+def _gone(*_args):
+    raise OSError(19, "No such device")  # what reading an open file of a removed cgroup gives
+
+
+@pytest.mark.parametrize(("killed", "parent_rose", "reported"), [
+    (True, True, [1]),    # SIGKILLed, cgroup removed by systemd, the pod's count rose: our OOM
+    (False, True, []),    # a normal exit: a sibling's OOM is not ours
+    (True, False, []),    # SIGKILLed by someone, no OOM anywhere below the parent
+])
+async def test_v2_oom_watch_falls_back_to_the_parent_when_the_cgroup_is_gone(
+        tmp_path, monkeypatch, killed, parent_rose, reported):
+    child = tmp_path / "cri-containerd-x.scope"
+    child.mkdir()
+    (tmp_path / "memory.events").write_text("oom 0\noom_kill 4\n")
+    (child / "memory.events").write_text("oom 0\noom_kill 0\n")
+    seen = []
+    watch = cgroups.CgroupV2(str(child)).watch_oom(lambda: seen.append(1))
+    try:
+        watch.poll()  # a wake before the kill: both counts taken
+        if parent_rose:
+            (tmp_path / "memory.events").write_text("oom 1\noom_kill 5\n")
+        monkeypatch.setattr(watch, "_oom_kills", _gone)
+        watch.poll()  # the loop's wake for the removal: nothing to tell yet
+        assert seen == []
+        watch.poll(killed=killed)  # the init's exit
+        assert seen == reported
+        watch.poll(killed=killed)  # nothing twice
+        assert seen == reported
+    finally:
+        watch.close()
+
+
+async def test_v2_oom_watch_does_not_count_a_seen_kill_again_from_the_parent(tmp_path, monkeypatch):
+    child = tmp_path / "c"
+    child.mkdir()
+    (tmp_path / "memory.events").write_text("oom_kill 0\n")
+    (child / "memory.events").write_text("oom_kill 0\n")
+    seen = []
+    watch = cgroups.CgroupV2(str(child)).watch_oom(lambda: seen.append(1))
+    try:
+        (tmp_path / "memory.events").write_text("oom_kill 1\n")
+        (child / "memory.events").write_text("oom_kill 1\n")
+        watch.poll()
+        assert seen == [1]
+        monkeypatch.setattr(watch, "_oom_kills", _gone)
+        watch.poll(killed=True)
+        assert seen == [1]
+    finally:
+        watch.close()

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -100,14 +101,15 @@ def limited(session_e2e, tmp_path_factory):
             proc.wait()
 
 
-def inotify_fds(pid: int) -> int:
-    count = 0
+def open_files(pid: int) -> list[str]:
+    """What the process's fds point at ("anon_inode:[eventpoll]", paths, ...)."""
+    targets = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify"
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             pass
-    return count
+    return targets
 
 
 def test_limits_at_create_land_in_the_container_cgroup(limited):
@@ -117,7 +119,18 @@ def test_limits_at_create_land_in_the_container_cgroup(limited):
     assert limited.read("pids.max") == "32"
     daemons = [p for p in pyshim_daemons(limited.e2e) if os.readlink(f"/proc/{p}/cwd").endswith("/" + limited.cid)]
     assert len(daemons) == 1
-    assert inotify_fds(daemons[0]) == 1  # the OOM watch on memory.events is armed
+    # the OOM watch is armed: memory.events held open, its parent's too
+    files = open_files(daemons[0])
+    assert files.count(str(limited.cgroup / "memory.events")) == 1, files
+    assert files.count(str(limited.cgroup.parent / "memory.events")) == 1, files
+    # ... and quiet: a cgroup file stays readable, only its EPOLLPRI says it changed, so a
+    # watch waiting for the wrong event would spin at 100 % CPU
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{daemons[0]}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    before = cpu_ticks()
+    time.sleep(3)
+    assert cpu_ticks() - before < os.sysconf("SC_CLK_TCK"), "the idle daemon used a second of CPU in 3 s"
 
 
 def test_metrics_are_v2_with_cpu_memory_pids_and_io(limited):
