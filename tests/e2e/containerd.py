@@ -136,6 +136,9 @@ class CriConfig:
     #: for side-by-side comparisons (hack/bench_lib.py's pods); "" for none. Same BinaryName
     #: and SystemdCgroup, its own runc Root, PrivateContainerd.cri_runc_root_of(name).
     runc_handler: str = ""
+    #: SystemdCgroup for every handler (runc's systemd cgroup driver, as on a node whose
+    #: kubelet uses the systemd driver; pods then give cgroup parents like "kubepods.slice").
+    systemd_cgroup: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -516,8 +519,9 @@ class PrivateContainerd:
         def q(s: object) -> str:
             return json.dumps(s)
 
+        systemd = cri.systemd_cgroup
         options = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root),
-                   "SystemdCgroup": False, **dict(cri.options)}
+                   "SystemdCgroup": systemd, **dict(cri.options)}
         cni = self.dir / "cni"
         for d in (cni / "bin", cni / "net.d"):
             d.mkdir(parents=True, exist_ok=True)
@@ -553,11 +557,11 @@ class PrivateContainerd:
         lines += self._runtime_lines(section, cri.handler, cri.runtime_type, options)
         for name, table in cri.extra_handlers.items():
             extra = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(name)),
-                     "SystemdCgroup": False, **table}
+                     "SystemdCgroup": systemd, **table}
             lines += self._runtime_lines(section, name, PYSHIM_RUNTIME, extra)
         if cri.runc_handler:
             runc = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(cri.runc_handler)),
-                    "SystemdCgroup": False}
+                    "SystemdCgroup": systemd}
             lines += self._runtime_lines(section, cri.runc_handler, RUNC_RUNTIME, runc)
         return lines
 

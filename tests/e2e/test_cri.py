@@ -23,14 +23,16 @@ import pytest
 from conftest import VERSION_IDS, installed_target
 from containerd import IMAGE_REF, PYSHIM_RUNTIME, CriConfig, PrivateContainerd, image_cache_dir
 from cri_client import CriClient
-from pause_image import PAUSE_IMAGE_REF, build_pause_image
+from cri_pods import CRI_NAMESPACE, HANDLER, running_cri
+from cri_pods import container_status as _status
+from cri_pods import remove_pod as _remove_pod
+from cri_pods import run_pod as _run_pod
+from cri_pods import start_container as _start_container
+from cri_pods import wait_exited as _wait_exited
+from pause_image import PAUSE_IMAGE_REF
 from shim.api.runtime import v1 as cri_v1
 from test_lifecycle import _wait_stopped, pyshim_daemons, task_status
 from waiting import async_wait_until, not_
-
-CRI_NAMESPACE = "k8s.io"
-HANDLER = "pyshim"
-
 
 @pytest.fixture(scope="module", params=VERSION_IDS)
 def cri(request: pytest.FixtureRequest, busybox_image: Path):
@@ -39,45 +41,6 @@ def cri(request: pytest.FixtureRequest, busybox_image: Path):
     c = PrivateContainerd(target, cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF, handler=HANDLER))
     with running_cri(c, busybox_image):
         yield c
-
-
-@contextlib.contextmanager
-def running_cri(c: PrivateContainerd, busybox_image: Path):
-    """Start a PrivateContainerd configured with the CRI plugin, with both images known to the
-    CRI; on leaving, close it and fail on anything left behind."""
-    pause = build_pause_image(image_cache_dir())
-    # The pods' cgroup parent: a name close() treats as one of ours (cgroups are killed and
-    # removed by namespace name).
-    c.cgroup_parent = f"pyshim-{c.token}-cri-pods"
-    c.namespaces.append(c.cgroup_parent)
-    try:
-        c.start()
-        c.import_image(busybox_image, CRI_NAMESPACE)
-        c.ctr("images", "import", "--no-unpack", str(pause), namespace=CRI_NAMESPACE,
-              timeout=120, check=True)
-        asyncio.run(_wait_for_images(c, [IMAGE_REF, PAUSE_IMAGE_REF]))
-    except BaseException:
-        print(c.log_tail(60))
-        c.close()
-        raise
-    yield c
-    log_tail = c.log_tail(40)
-    leftovers = c.close()
-    assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers) + f"\n{log_tail}"
-
-
-async def _wait_for_images(c: PrivateContainerd, refs: list[str], timeout: float = 20) -> None:
-    """The CRI plugin learns of imported images from containerd's events: wait for it."""
-    async with CriClient(c.address) as client:
-        deadline = time.monotonic() + timeout
-        for ref in refs:
-            while True:
-                reply = await client.image(
-                    "ImageStatus", cri_v1.ImageStatusRequest(image=cri_v1.ImageSpec(image=ref)))
-                if reply.image is not None and reply.image.id:
-                    break
-                assert time.monotonic() < deadline, f"the CRI plugin does not know {ref}"
-                await asyncio.sleep(0.1)
 
 
 def _daemons(c: PrivateContainerd) -> list[int]:
@@ -113,39 +76,6 @@ def _container_config(name: str, *command: str, memory: int = 0) -> cri_v1.Conta
         log_path=f"{name}.log",
         linux=cri_v1.LinuxContainerConfig(resources=resources),
     )
-
-
-async def _run_pod(client: CriClient, config: cri_v1.PodSandboxConfig, handler: str = HANDLER) -> str:
-    reply = await client.runtime("RunPodSandbox",
-                                 cri_v1.RunPodSandboxRequest(config=config, runtime_handler=handler))
-    return reply.pod_sandbox_id
-
-
-async def _start_container(client: CriClient, pod: str, config: cri_v1.PodSandboxConfig,
-                           container: cri_v1.ContainerConfig) -> str:
-    created = await client.runtime("CreateContainer", cri_v1.CreateContainerRequest(
-        pod_sandbox_id=pod, config=container, sandbox_config=config))
-    await client.runtime("StartContainer",
-                         cri_v1.StartContainerRequest(container_id=created.container_id))
-    return created.container_id
-
-
-async def _status(client: CriClient, cid: str) -> cri_v1.ContainerStatus:
-    reply = await client.runtime("ContainerStatus", cri_v1.ContainerStatusRequest(container_id=cid))
-    return reply.status
-
-
-async def _wait_exited(client: CriClient, cid: str, timeout: float = 20) -> cri_v1.ContainerStatus:
-    deadline = time.monotonic() + timeout
-    while (status := await _status(client, cid)).state != cri_v1.ContainerState.CONTAINER_EXITED:
-        assert time.monotonic() < deadline, f"{cid} did not exit: {status}"
-        await asyncio.sleep(0.1)
-    return status
-
-
-async def _remove_pod(client: CriClient, pod: str) -> None:
-    await client.runtime("StopPodSandbox", cri_v1.StopPodSandboxRequest(pod_sandbox_id=pod))
-    await client.runtime("RemovePodSandbox", cri_v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
 
 @contextlib.asynccontextmanager

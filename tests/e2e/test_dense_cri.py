@@ -20,6 +20,7 @@ from containerd import CriConfig, PrivateContainerd
 from cri_client import CriClient
 from pause_image import PAUSE_IMAGE_REF
 from shim.api.runtime import v1 as cri_v1
+from cri_pods import running_cri
 from test_cri import (
     CRI_NAMESPACE,
     _container_config,
@@ -28,7 +29,6 @@ from test_cri import (
     _run_pod,
     _start_container,
     _wait_gone,
-    running_cri,
 )
 from test_debug import ls_json
 

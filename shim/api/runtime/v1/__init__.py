@@ -10,6 +10,7 @@ __all__ = (
     "ContainerConfig",
     "ContainerFilter",
     "ContainerMetadata",
+    "ContainerResources",
     "ContainerState",
     "ContainerStateValue",
     "ContainerStats",
@@ -68,6 +69,8 @@ __all__ = (
     "StopPodSandboxRequest",
     "StopPodSandboxResponse",
     "UInt64Value",
+    "UpdateContainerResourcesRequest",
+    "UpdateContainerResourcesResponse",
     "VersionRequest",
     "VersionResponse",
 )
@@ -294,6 +297,18 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class ContainerResources(betterproto2.Message):
+    linux: "LinuxContainerResources | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+
+default_message_pool.register_message(
+    "runtime.v1", "ContainerResources", ContainerResources
+)
+
+
+@dataclass(eq=False, repr=False)
 class ContainerStateValue(betterproto2.Message):
     state: "ContainerState" = betterproto2.field(
         1, betterproto2.TYPE_ENUM, default_factory=lambda: ContainerState(0)
@@ -403,6 +418,13 @@ class ContainerStatus(betterproto2.Message):
     )
 
     log_path: "str" = betterproto2.field(15, betterproto2.TYPE_STRING)
+
+    resources: "ContainerResources | None" = betterproto2.field(
+        16, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    The limits in force (2.x fills it in, after an update the new ones).
+    """
 
 
 default_message_pool.register_message("runtime.v1", "ContainerStatus", ContainerStatus)
@@ -1189,6 +1211,42 @@ class UInt64Value(betterproto2.Message):
 
 
 default_message_pool.register_message("runtime.v1", "UInt64Value", UInt64Value)
+
+
+@dataclass(eq=False, repr=False)
+class UpdateContainerResourcesRequest(betterproto2.Message):
+    """
+    A running container's limits changed (the kubelet's in-place resize).
+    """
+
+    container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    linux: "LinuxContainerResources | None" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+    annotations: "dict[str, str]" = betterproto2.field(
+        4,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(
+            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
+        ),
+    )
+
+
+default_message_pool.register_message(
+    "runtime.v1", "UpdateContainerResourcesRequest", UpdateContainerResourcesRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class UpdateContainerResourcesResponse(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message(
+    "runtime.v1", "UpdateContainerResourcesResponse", UpdateContainerResourcesResponse
+)
 
 
 @dataclass(eq=False, repr=False)
