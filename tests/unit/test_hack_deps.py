@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 # apt-get: logs each call to $FAKE_LOG.raw, and without its -o options to $FAKE_LOG; `update`
-# exits $FAKE_UPDATE_RC; `download pkg=ver|pkg/suite` copies the .deb from $FAKE_REPO/<suite>/ unless $FAKE_NET=down.
+# exits $FAKE_UPDATE_RC; `download pkg=ver|pkg/suite` copies the .deb from $FAKE_REPO/<suite>/
+# unless $FAKE_NET=down.
 FAKE_APT_GET = r"""#!/bin/bash
 echo "$*" >>"$FAKE_LOG.raw"
 args=()
