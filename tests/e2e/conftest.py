@@ -36,7 +36,9 @@ from containerd import (
     CtrResult,
     PrivateContainerd,
     build_busybox_image,
+    describe_package,
     image_cache_dir,
+    private_package_info,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -105,13 +107,12 @@ def containerd(request: pytest.FixtureRequest, busybox_image: Path):
     except BaseException:
         c.close()
         raise
-    info = target.package_info()
-    pkg = f"{info.get('package')} {info.get('version')}, " if info else ""
-    if info and not info.get("version", "").startswith(info.get("wanted", "")):
-        pkg += f"NOT the wanted {info.get('wanted')}, "
+    pkg = describe_package(target.package_info())
+    runc_pkg = describe_package(private_package_info(c.runc))
     _STARTED.append(
-        f"{target.id}: containerd {c.version} [{pkg}{target.source}, {target.bin_dir}], "
-        f"runc {c.runc_version} [{c.runc}], snapshotter {c.snapshotter}"
+        f"{target.id}: containerd {c.version} [{pkg + ', ' if pkg else ''}{target.source}, "
+        f"{target.bin_dir}], runc {c.runc_version} [{runc_pkg + ', ' if runc_pkg else ''}"
+        f"{c.runc}], snapshotter {c.snapshotter}"
     )
     yield c
     log_tail = c.log_tail(40)

@@ -68,17 +68,41 @@ class Target:
     def package_info(self) -> dict[str, str]:
         """What hack/lib.sh recorded for a private build (package, version, suite, wanted);
         empty for the system's containerd."""
-        try:
-            text = (self.bin_dir.parent / "VERSION").read_text()
-        except OSError:
-            return {}
-        return dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in text.splitlines())
-        )
+        return private_package_info(self.bin_dir / "containerd")
 
     def missing(self) -> list[str]:
         need = [self.bin_dir / b for b in ("containerd", "ctr", "containerd-shim-runc-v2")]
         return [str(p) for p in [*need, self.runc] if not os.access(p, os.X_OK)]
+
+
+def private_package_info(binary: Path) -> dict[str, str]:
+    """The VERSION file hack/lib.sh wrote beside BINARY's bin/ (package, version, suite, wanted,
+    and glibc when it patched one in); empty for a binary of the system's."""
+    try:
+        text = (Path(binary).parent.parent / "VERSION").read_text()
+    except OSError:
+        return {}
+    return dict(
+        (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in text.splitlines())
+    )
+
+
+def upstream_version(debian_version: str) -> str:
+    """1:1.7.24~ds1-6+deb13u1 -> 1.7.24 (as hack/lib.sh compares it with the wanted version)."""
+    return re.split(r"[~+-]", debian_version.partition(":")[2] or debian_version, maxsplit=1)[0]
+
+
+def describe_package(info: dict[str, str]) -> str:
+    """"containerd 1.7.24~ds1-6+deb13u1" for a private build's VERSION info, with a loud note
+    when hack/lib.sh fell back to another version than the pinned one (which Debian dropped);
+    "" for the system's."""
+    if not info:
+        return ""
+    text = f"package {info.get('package', '?')} {info.get('version', '?')}"
+    wanted = info.get("wanted", "")
+    if wanted and upstream_version(info.get("version", "")) != wanted:
+        text += f", NOT the wanted {wanted} (hack/lib.sh fell back)"
+    return text
 
 
 TARGETS: dict[str, Target] = {
