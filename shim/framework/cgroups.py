@@ -618,13 +618,16 @@ class EventsFileOomWatch(OomWatch):
     right after, and a watcher woken late finds memory.events gone and misses the OOM (runc-v2
     loses that race now and then; containerd's own CRI tests skip OOMKilled under systemd).
 
-    For when even that is too late, the parent's memory.events is read beside the cgroup's
-    own at every wake: the kernel counts a kill in every ancestor as well, and the parent (the
-    pod's slice) stays.  If the init then dies by SIGKILL with its cgroup gone, and the
-    parent's oom_kill rose since the last look at ours, that kill was ours.  The one way this
+    For when even that is too late, the ancestors' memory.events are read beside the cgroup's
+    own at every wake: the kernel counts a kill in every ancestor as well, and the pod's slice
+    stays.  If the init then dies by SIGKILL with its cgroup gone, and the nearest ancestor
+    left (the parent; under crun, whose process cgroup is <scope>/container, the grandparent)
+    counted a kill since the last look at ours, that kill was ours.  The one way this
     errs is a sibling's OOM kill in that same short window while our init was SIGKILLed for
     another reason, reported as an OOM of ours too.
     """
+
+    ANCESTORS = 2
 
     def __init__(self, directory: str, on_oom: Callable[[], None]) -> None:
         import asyncio
@@ -634,12 +637,17 @@ class EventsFileOomWatch(OomWatch):
         self._on_oom = on_oom
         self._loop = asyncio.get_running_loop()
         self._fd = os.open(os.path.join(directory, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._parent_fd = os.open(os.path.join(os.path.dirname(directory), "memory.events"),
-                                      os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # the root cgroup has no memory.events
-            self._parent_fd = -1
-        self._parent_last = self._parent_oom_kills()
+        #: memory.events of the parent and the grandparent (crun puts the process in a
+        #: "container" cgroup below the scope, which goes with the scope), nearest first
+        self._ancestor_fds: list[int] = []
+        ancestor = directory
+        for _ in range(self.ANCESTORS):
+            ancestor = os.path.dirname(ancestor)
+            try:
+                self._ancestor_fds.append(os.open(os.path.join(ancestor, "memory.events"), os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:  # the root cgroup has no memory.events
+                break
+        self._ancestors_last = self._ancestor_oom_kills()
         # asyncio waits for readability only, and a cgroup file is always readable: an epoll
         # set of its own, readable when the file has EPOLLPRI, goes into the loop instead
         self._epoll = select.epoll()
@@ -663,13 +671,23 @@ class EventsFileOomWatch(OomWatch):
             raise OSError(errno.ENODEV, "the cgroup is gone")
         return parse_keyed(text.decode()).get("oom_kill", 0)
 
-    def _parent_oom_kills(self) -> int | None:
-        if self._parent_fd < 0:
-            return None
-        try:
-            return parse_keyed(os.pread(self._parent_fd, 4096, 0).decode()).get("oom_kill", 0)
-        except OSError:
-            return None
+    def _ancestor_oom_kills(self) -> list[int | None]:
+        """Each ancestor's count, None for one that is gone."""
+        counts: list[int | None] = []
+        for fd in self._ancestor_fds:
+            try:
+                text = os.pread(fd, 4096, 0)
+            except OSError:
+                text = b""
+            counts.append(parse_keyed(text.decode()).get("oom_kill", 0) if text else None)
+        return counts
+
+    def _ancestor_saw_a_kill(self) -> bool:
+        """Whether the nearest ancestor still there counted a kill since our last look."""
+        for before, now in zip(self._ancestors_last, self._ancestor_oom_kills()):
+            if before is not None and now is not None:
+                return now > before
+        return False
 
     def poll(self, killed: bool = False) -> None:
         if self._fd < 0:
@@ -677,20 +695,18 @@ class EventsFileOomWatch(OomWatch):
         try:
             while True:  # ours and the parent's as of one moment: a kill between the reads repeats them
                 count = self._oom_kills()
-                parent = self._parent_oom_kills()
+                ancestors = self._ancestor_oom_kills()
                 if self._oom_kills() == count:
                     break
         except OSError:  # the cgroup is gone (ENODEV): nothing more will happen in it
             # The loop wakes us for the removal itself, before the init's exit is handled: stop
             # waking, but keep the parent's count for that exit's poll(killed=True).
             self._stop_waking()
-            if killed:
-                parent = self._parent_oom_kills()
-                if parent is not None and self._parent_last is not None and parent > self._parent_last:
-                    self._parent_last = parent
-                    self._on_oom()
+            if killed and self._ancestor_saw_a_kill():
+                self._ancestors_last = self._ancestor_oom_kills()
+                self._on_oom()
             return
-        self._parent_last = parent
+        self._ancestors_last = ancestors
         if count > self._last:
             self._last = count
             self._on_oom()
@@ -704,8 +720,8 @@ class EventsFileOomWatch(OomWatch):
     def close(self) -> None:
         if self._fd >= 0:
             self._stop_waking()
-            if self._parent_fd >= 0:
-                os.close(self._parent_fd)
-                self._parent_fd = -1
+            for fd in self._ancestor_fds:
+                os.close(fd)
+            self._ancestor_fds = []
             os.close(self._fd)
             self._fd = -1

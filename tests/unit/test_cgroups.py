@@ -526,3 +526,21 @@ async def test_v2_oom_watch_does_not_count_a_seen_kill_again_from_the_parent(tmp
         assert seen == [1]
     finally:
         watch.close()
+
+
+async def test_v2_oom_watch_asks_the_grandparent_when_the_parent_went_too(tmp_path, monkeypatch):
+    """crun's process cgroup is <scope>/container: systemd removes both with the scope."""
+    scope = tmp_path / "cri-containerd-x.scope"
+    (scope / "container").mkdir(parents=True)
+    for d in (tmp_path, scope, scope / "container"):
+        (d / "memory.events").write_text("oom_kill 0\n")
+    seen = []
+    watch = cgroups.CgroupV2(str(scope / "container")).watch_oom(lambda: seen.append(1))
+    try:
+        (tmp_path / "memory.events").write_text("oom_kill 1\n")
+        (scope / "memory.events").write_text("")  # how a removed cgroup's open file reads here
+        monkeypatch.setattr(watch, "_oom_kills", _gone)
+        watch.poll(killed=True)
+        assert seen == [1]
+    finally:
+        watch.close()

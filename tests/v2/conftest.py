@@ -7,9 +7,14 @@ qemu guest that mounts only cgroup2 (hack/vm/run-in-vm) and fails when it does n
 They reuse tests/e2e's helpers (PrivateContainerd, the busybox image, the ctr and gRPC helpers
 of its tests); the `e2e` fixture here has the same shape as tests/e2e's.
 
+Each node is a containerd version and the OCI runtime it runs (the runc on its PATH, which
+containerd's runc shim and pyshim both call by default): 2.1 with runc 1.3, 1.7 with Debian
+12's runc 1.1, and 1.6 with crun, put there as `runc` (Debian 12's crun 1.8 refuses the OCI
+spec 1.1+ of containerd 1.7 and 2.x).
+
 Environment:
-  PYSHIM_V2_VERSIONS   comma-separated containerd versions (default 2.1, the newest; 1.6,2.1
-                       adds the system's; each version costs minutes under emulation)
+  PYSHIM_V2_NODES   comma-separated subset of the node ids (default: all of NODES; each costs
+                    about a minute under emulation)
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from shim.framework import cgroups  # noqa: E402
 if not cgroups.is_unified():
     collect_ignore_glob = ["test_*.py"]
 
-VERSIONS = [v.strip() for v in os.environ.get("PYSHIM_V2_VERSIONS", "2.1").split(",") if v.strip()]
+#: node id -> (containerd version, OCI runtime binary)
+NODES = {
+    "2.1-runc1.3": ("2.1", TARGETS["2.1"].runc),
+    "1.7-runc1.1": ("1.7", TARGETS["1.7"].runc),
+    "1.6-crun": ("1.6", Path("/usr/bin/crun")),
+}
+NODE_IDS = [n.strip() for n in os.environ.get("PYSHIM_V2_NODES", ",".join(NODES)).split(",") if n.strip()]
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +52,17 @@ def busybox_image() -> Path:
     return build_busybox_image(image_cache_dir())
 
 
-@pytest.fixture(scope="session", params=VERSIONS)
+@pytest.fixture(scope="session", params=NODE_IDS)
 def containerd(request: pytest.FixtureRequest, busybox_image: Path):
-    target = TARGETS[request.param]
-    missing = target.missing()
+    version, runtime = NODES[request.param]
+    target = TARGETS[version]
+    missing = target.missing() + ([] if runtime.exists() else [str(runtime)])
     if missing:
-        pytest.fail(f"containerd {target.id} not installed ({', '.join(missing)}); run hack/test")
+        pytest.fail(f"node {request.param}: not installed ({', '.join(missing)}); run hack/test")
     # A tmpfs (the VM's /tmp): overlayfs snapshots need a non-overlay dir, and no stale
     # private containerds of other runs are swept there.
     base = Path(tempfile.mkdtemp(prefix="pyshim-v2-"))
-    c = PrivateContainerd(target, base_dir=base)
+    c = PrivateContainerd(target, base_dir=base, runc=runtime)
     c.image_archive = busybox_image
     try:
         c.start(timeout=120)
