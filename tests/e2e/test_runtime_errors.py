@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+from conftest import RUNTIME_IDS
 from runtimes import OCI_RUNTIMES, RUNC_RUNTIME, RuntimeChoice, missing_executable
 from test_cgroup_features import _grpc_update
 from test_lifecycle import PYSHIM, RUNC, _wait_stopped, run
@@ -22,7 +23,7 @@ from test_lifecycle import PYSHIM, RUNC, _wait_stopped, run
 matrix = pytest.mark.usefixtures("oci_runtime")
 
 
-@pytest.mark.parametrize("runtime_id", list(OCI_RUNTIMES))
+@pytest.mark.parametrize("runtime_id", RUNTIME_IDS)
 def test_every_runtime_on_every_containerd(e2e, runtime_id, tmp_path):
     """One container through each shim with each runtime by BinaryName, on every containerd
     version (outside the matrix): the same output and exit code, or the same refusal. crun 1.8
