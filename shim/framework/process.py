@@ -80,6 +80,15 @@ class Paused(State):
     name = "paused"
     allowed = frozenset({"kill", "resume", "update", "checkpoint", "exit"})
 
+    @classmethod
+    def refusal(cls, operation: str) -> str:
+        # the Go shim's pausedState words these two its own way
+        if operation == "pause":
+            return "cannot pause a paused container"
+        if operation == "exec":
+            return "cannot exec in a paused state"
+        return super().refusal(operation)
+
 
 class Stopped(State):
     name = "stopped"

@@ -67,12 +67,13 @@ def check_kill_error(err: RuntimeFailure) -> TtrpcError:
 
 
 @contextlib.contextmanager
-def runtime_errors(what: str) -> Iterator[None]:
-    """A runtime failure as the status the Go shim returns: UNKNOWN, "<what>: <runc's own text>"."""
+def runtime_errors(what: str | None) -> Iterator[None]:
+    """A runtime failure as the status the Go shim returns: UNKNOWN, "<what>: <runc's own text>"
+    (the backend's text alone when `what` is None)."""
     try:
         yield
     except RuntimeFailure as exc:
-        raise TtrpcError(Code.UNKNOWN, f"{what}: {exc}") from None
+        raise TtrpcError(Code.UNKNOWN, f"{what}: {exc}" if what else str(exc)) from None
 
 
 class TaskService:
@@ -733,9 +734,19 @@ class TaskService:
             raise TtrpcError(
                 Code.INVALID_ARGUMENT, f"container {req.id}: resources ({req.resources.type_url}) are not JSON: {exc}"
             ) from None
-        if not isinstance(resources, dict):
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"container {req.id}: resources must be a JSON object")
-        with runtime_errors("OCI runtime update failed"):
+        # runc-v2 decodes them into the OCI struct first: a value of the wrong type is refused
+        # in the shim, in Go's words, whatever the runtime (crun would ignore it).
+        from shim.framework.resources import linux_resources_error
+
+        refused = linux_resources_error(req.resources.value)
+        if refused:
+            raise TtrpcError(Code.UNKNOWN, refused)
+        if resources is None:
+            resources = {}  # JSON null: Go's zero LinuxResources
+        # No "OCI runtime update failed" here: runc-v2 returns the runtime command's error as
+        # it is, and the backend words it (shim.runc: go-runc's "<binary> did not terminate
+        # successfully: exit status 1: <output>").
+        with runtime_errors(None):
             await container.runtime.update(container.id, resources)
         return Empty()
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from shim.runc.runtime import Runc, RuncError, RuncNoSuchContainer, classify
+from shim.runc.runtime import Runc, RuncError, RuncNoSuchContainer, classify, command_failure
 
 
 class Crun(Runc):
@@ -50,5 +50,7 @@ class Crun(Runc):
             with os.fdopen(fd, "w") as f:
                 json.dump(resources, f)
             await self._run("update", "--resources", path, id)
+        except RuncError as exc:
+            raise command_failure(exc) from None
         finally:
             os.unlink(path)

@@ -36,6 +36,7 @@ __all__ = [
     "Runc",
     "RuncError",
     "RuntimeVersion",
+    "command_failure",
     "last_error",
     "parse_log",
     "read_pid_file",
@@ -97,6 +98,7 @@ class RuncError(RuntimeFailure):
         argv: Sequence[str] = (),
         returncode: int | None = None,
         stderr: str = "",
+        output: str = "",
     ):
         super().__init__(message)
         self.message = message
@@ -105,6 +107,20 @@ class RuncError(RuntimeFailure):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+        #: Everything it printed (stdout, then stderr), unstripped: go-runc's "output".
+        self.output = output
+
+
+def command_failure(err: RuncError) -> RuncError:
+    """`err` in go-runc's words for a command whose error containerd does not read from the
+    runtime's log: "<binary> did not terminate successfully: exit status N: <output>", the
+    output as printed (runc's ends with a newline). runc-v2 returns Update's failure so, with
+    no "OCI runtime update failed" in front."""
+    status = f"exit status {err.returncode}"
+    binary = err.argv[0] if err.argv else "runc"
+    message = f"{binary} did not terminate successfully: {status}: {err.output}"
+    return type(err)(message, command=err.command, argv=err.argv, returncode=err.returncode,
+                     stderr=err.stderr, output=err.output)
 
 
 class RuncNotRunning(RuncError, NotRunning):
@@ -402,6 +418,7 @@ class Runc:
                 argv=argv,
                 returncode=result.returncode,
                 stderr=stderr_text,
+                output=(result.stdout + result.stderr).decode("utf-8", "replace"),
             )
         return result
 
@@ -496,8 +513,12 @@ class Runc:
         await self._run("resume", id)
 
     async def update(self, id: str, resources: Mapping[str, Any]) -> None:
-        """`runc update --resources -`: the OCI LinuxResources object on stdin."""
-        await self._run("update", "--resources", "-", id, input=json.dumps(resources).encode())
+        """`runc update --resources -`: the OCI LinuxResources object on stdin. A failure is
+        worded like go-runc's (see command_failure)."""
+        try:
+            await self._run("update", "--resources", "-", id, input=json.dumps(resources).encode())
+        except RuncError as exc:
+            raise command_failure(exc) from None
 
     async def checkpoint(
         self, id: str, criu: CriuOptions, *, leave_running: bool = False, pre_dump: bool = False

@@ -21,6 +21,8 @@ import pytest
 
 from test_lifecycle import PYSHIM, RUNC, pyshim_daemons
 
+pytestmark = pytest.mark.usefixtures("oci_runtime")
+
 PROCESS_SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 SEQ_ARGS = ["seq", "-s", " ", "1000000"]
 #: What a pty delivers of `seq -s " " 1000000`: one line, its newline made CRLF (onlcr).
@@ -107,8 +109,12 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("runtime,count", [(PYSHIM, 100), (RUNC, 3)], ids=["pyshim", "runc-v2"])
 def test_exec_tty_asked_in_the_request_only(e2e, runtime, count):
+    if e2e.oci is not None and e2e.oci.id != "runc1.1":
+        # The shim's leak check needs many execs; another runtime's part (the console socket,
+        # exec --process) shows in a few.
+        count = min(count, 10)
     cid = e2e.new_id()
-    e2e.ctr("run", "-d", "--runtime", runtime, e2e.image, cid, "sleep", "600", check=True)
+    e2e.ctr("run", "-d", *e2e.runtime(runtime), e2e.image, cid, "sleep", "600", check=True)
     process = json.loads((e2e.bundle_dir(cid) / "config.json").read_text())["process"]
     assert not process.get("terminal")
     daemon = None

@@ -3,7 +3,8 @@
 ctr gets the slave of a pty we open as its stdin/stdout/stderr and controlling terminal (as in an
 interactive shell); the test types into the master and reads what the container's pty echoes.
 Setting the window size on that pty makes ctr (SIGWINCH) send ResizePty. Every test runs once
-per containerd version (1.6, 1.7, 2.1) with real runc.
+per containerd version (1.6, 1.7, 2.1) and OCI runtime (runc 1.1, runc 1.3, crun, by BinaryName;
+see runtimes.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
 
+from runtimes import missing_executable
 from shim.framework.console import resize
 from test_lifecycle import PYSHIM, RUNC, _wait_stopped, popen_ctr, pyshim_daemons
 from waiting import wait_until
+
+pytestmark = pytest.mark.usefixtures("oci_runtime")
 
 
 class ClientTty:
@@ -92,7 +97,7 @@ class ClientTty:
 
 
 def run_tty(e2e, *cmd: str, runtime: str = PYSHIM, rows: int = 30, cols: int = 100) -> ClientTty:
-    return ClientTty(e2e, "run", "-t", "--rm", "--runtime", runtime, e2e.image, e2e.new_id(), *cmd,
+    return ClientTty(e2e, "run", "-t", "--rm", *e2e.runtime(runtime), e2e.image, e2e.new_id(), *cmd,
                      rows=rows, cols=cols)
 
 
@@ -168,7 +173,7 @@ def _fds(pid: int) -> int:
 
 def test_exec_t(e2e):
     cid = e2e.new_id()
-    e2e.ctr("run", "-d", "--runtime", PYSHIM, e2e.image, cid, "sleep", "600", check=True)
+    e2e.ctr("run", "-d", *e2e.runtime(PYSHIM), e2e.image, cid, "sleep", "600", check=True)
     bundle = e2e.bundle_dir(cid)
     (daemon,) = [pid for pid in pyshim_daemons(e2e) if os.readlink(f"/proc/{pid}/cwd") == str(bundle)]
 
@@ -187,7 +192,7 @@ def test_exec_t(e2e):
         _resized(client)
     with exec_tty("missing", "/nonexistent") as client:
         assert client.wait() != 0
-        client.read_until('exec: "/nonexistent": stat /nonexistent: no such file or directory')
+        client.read_until(re.escape(missing_executable(e2e.oci_kind, "/nonexistent")))
     # Each exec's master, FIFOs and console socket are gone once the exec was deleted.
     def open_fds() -> list[str]:
         found = []
@@ -209,7 +214,7 @@ def test_run_t_missing_executable_fails_like_runc(e2e):
     def attempt(runtime: str) -> int:
         with run_tty(e2e, "/no/such/binary", runtime=runtime) as client:
             code = client.wait()
-            client.read_until('exec: "/no/such/binary": stat /no/such/binary: no such file or directory')
+            client.read_until(re.escape(missing_executable(e2e.oci_kind, "/no/such/binary")))
             return code
 
     assert attempt(PYSHIM) == attempt(RUNC) != 0

@@ -25,10 +25,12 @@ from shim.runc.runtime import (
     Runc,
     RuncError,
     RuntimeVersion,
+    command_failure,
     last_error,
     parse_log,
     read_pid_file,
 )
+from shim.runc.crun import Crun
 
 # --- real samples, captured on Debian 12 (runc 1.1.5+ds1, crun 1.8.1) ---------------------------
 
@@ -287,6 +289,33 @@ async def test_error_message_sources(tmp_path):
         script.write_text("#!/bin/sh\necho '{\"level\":\"error\",\"msg\":\"fresh\"}' > \"$4\"; exit 1\n")
         with pytest.raises(RuncError, match="^fresh$"):
             await runc.pause("c1")
+
+
+async def test_update_failure_in_go_runcs_words(tmp_path):
+    """runc-v2 returns an update's failure as go-runc words it, the output as printed."""
+    script = tmp_path / "fake-runtime"
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo '{\"level\":\"error\",\"msg\":\"from the log\"}' >> \"$4\"\n"
+        "echo 'failed to write \"10\": invalid argument' >&2; exit 1\n"
+    )
+    script.chmod(0o755)
+    async with Reaper() as reaper:
+        for runtime in (Runc, Crun):
+            backend = runtime(reaper, binary=str(script), root=str(tmp_path / "root"),
+                              log_path=str(tmp_path / "log.json"))
+            with pytest.raises(RuncError) as info:
+                await backend.update("c1", {"cpu": {"period": 10}})
+            assert str(info.value) == (f'{script} did not terminate successfully: exit status 1: '
+                                       'failed to write "10": invalid argument\n')
+            assert info.value.command == "update"
+
+
+def test_command_failure_keeps_what_the_error_knew():
+    err = RuncError("x", command="update", argv=["/bin/crun", "update"], returncode=2, stderr="e", output="o\ne\n")
+    worded = command_failure(err)
+    assert str(worded) == "/bin/crun did not terminate successfully: exit status 2: o\ne\n"
+    assert (worded.command, worded.returncode, worded.stderr, worded.output) == ("update", 2, "e", "o\ne\n")
 
 
 async def test_commands_and_stdin_with_a_fake_runtime(tmp_path):

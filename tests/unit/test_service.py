@@ -1048,7 +1048,8 @@ async def test_pause_and_resume(h):
     await h.start("c1")
     await h.service.pause(task.PauseRequest(id="c1"), None)
     assert (await h.state("c1")).status == Status.PAUSED
-    await expect_error(h.service.pause(task.PauseRequest(id="c1"), None), Code.UNKNOWN, "cannot pause a paused process")
+    await expect_error(h.service.pause(task.PauseRequest(id="c1"), None), Code.UNKNOWN, "cannot pause a paused container")
+    await expect_error(h.exec("c1", "e1", "true"), Code.UNKNOWN, "cannot exec in a paused state")
     await expect_error(h.start("c1"), Code.UNKNOWN, "cannot start a paused process")
     await h.service.resume(task.ResumeRequest(id="c1"), None)
     assert (await h.state("c1")).status == Status.RUNNING
