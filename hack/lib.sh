@@ -392,7 +392,8 @@ pyshim_venv() {
 # The cgroup v2 test VM (hack/vm): qemu, plus a kernel and initramfs built outside the checkout
 # ---------------------------------------------------------------------------------------------
 
-PYSHIM_VM_APT_PACKAGES=(qemu-system-x86 busybox-static)
+# systemd + dbus: the systemd guest boots the host's own (tests/systemd, PYSHIM_VM_INIT=systemd)
+PYSHIM_VM_APT_PACKAGES=(qemu-system-x86 busybox-static systemd dbus)
 
 pyshim_vm_deps() {
     local missing=() p
