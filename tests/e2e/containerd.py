@@ -163,6 +163,8 @@ class CriConfig:
     #: SystemdCgroup for every handler (runc's systemd cgroup driver, as on a node whose
     #: kubelet uses the systemd driver; pods then give cgroup parents like "kubepods.slice").
     systemd_cgroup: bool = False
+    #: ShimCgroup for every handler: the cgroup each shim moves itself into at start.
+    shim_cgroup: str = ""
 
 
 # ------------------------------------------------------------------------------------------
@@ -544,8 +546,10 @@ class PrivateContainerd:
             return json.dumps(s)
 
         systemd = cri.systemd_cgroup
+        # ShimCgroup, when set, for every handler (runc's options have it under the same name)
+        shim_cgroup = {"ShimCgroup": cri.shim_cgroup} if cri.shim_cgroup else {}
         options = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root),
-                   "SystemdCgroup": systemd, **dict(cri.options)}
+                   "SystemdCgroup": systemd, **shim_cgroup, **dict(cri.options)}
         cni = self.dir / "cni"
         for d in (cni / "bin", cni / "net.d"):
             d.mkdir(parents=True, exist_ok=True)
@@ -581,11 +585,11 @@ class PrivateContainerd:
         lines += self._runtime_lines(section, cri.handler, cri.runtime_type, options)
         for name, table in cri.extra_handlers.items():
             extra = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(name)),
-                     "SystemdCgroup": systemd, **table}
+                     "SystemdCgroup": systemd, **shim_cgroup, **table}
             lines += self._runtime_lines(section, name, PYSHIM_RUNTIME, extra)
         if cri.runc_handler:
             runc = {"BinaryName": str(self.runc), "Root": str(self.cri_runc_root_of(cri.runc_handler)),
-                    "SystemdCgroup": systemd}
+                    "SystemdCgroup": systemd, **shim_cgroup}
             lines += self._runtime_lines(section, cri.runc_handler, RUNC_RUNTIME, runc)
         return lines
 
