@@ -68,7 +68,13 @@ def run_command() -> int:
     cwd = read_xfer("cwd").decode().strip()
     out, err = serial_port("vm.out"), serial_port("vm.err")
     with open("/proc/uptime") as f:
-        kmsg(f"running {argv!r} in {cwd} at uptime {f.read().split()[0]} s")
+        uptime = f.read().split()[0]
+    kmsg(f"running {argv!r} in {cwd} at uptime {uptime} s")
+    try:  # the boot's length, for the runner's summary line
+        with open(f"{XFER}/boot_uptime", "w") as f:
+            f.write(f"{uptime}\n")
+    except OSError:
+        pass
     pid = os.fork()
     if pid == 0:
         try:

@@ -263,7 +263,7 @@ def crun(node: PrivateContainerd) -> bool:
     return node.runc.name == "crun"
 
 
-@pytest.mark.parametrize("qos", ["besteffort", "burstable"])
+@pytest.mark.parametrize("qos", ["besteffort", "burstable", "guaranteed"])
 async def test_pod_lifecycle_cgroups_units_and_shim_placement(node, qos):
     facts = assert_same(await both(node, lifecycle, qos))
     pod_slice = slice_path(QOS_SLICES[qos].format(uid="<uid>"))
