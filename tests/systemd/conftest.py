@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from containerd import TARGETS, CriConfig, PrivateContainerd, build_busybox_image, image_cache_dir  # noqa: E402
+from containerd import CriConfig, build_busybox_image, image_cache_dir  # noqa: E402
 from cri_pods import running_cri  # noqa: E402
+from guest_nodes import node_containerd, node_ids  # noqa: E402
 from pause_image import PAUSE_IMAGE_REF  # noqa: E402
 
 from shim.framework import cgroups  # noqa: E402
@@ -44,13 +44,7 @@ def systemd_node() -> bool:
 if not systemd_node():
     collect_ignore_glob = ["test_*.py"]
 
-#: node id -> (containerd version, OCI runtime binary)
-NODES = {
-    "1.7-runc1.1": ("1.7", TARGETS["1.7"].runc),
-    "2.1-runc1.3": ("2.1", TARGETS["2.1"].runc),
-    "1.6-crun": ("1.6", Path("/usr/bin/crun")),
-}
-NODE_IDS = [n.strip() for n in os.environ.get("PYSHIM_SYSTEMD_NODES", ",".join(NODES)).split(",") if n.strip()]
+NODE_IDS = node_ids("PYSHIM_SYSTEMD_NODES")
 PYSHIM_HANDLER = "pyshim"
 RUNC_HANDLER = "runc"
 
@@ -63,15 +57,7 @@ def busybox_image() -> Path:
 @pytest.fixture(scope="session", params=NODE_IDS)
 def node(request: pytest.FixtureRequest, busybox_image: Path):
     """A started PrivateContainerd with CRI, both handlers on the systemd cgroup driver."""
-    version, runtime = NODES[request.param]
-    target = TARGETS[version]
-    missing = target.missing() + ([] if runtime.exists() else [str(runtime)])
-    if missing:
-        pytest.fail(f"node {request.param}: not installed ({', '.join(missing)}); run hack/test")
-    # a tmpfs (the guest's /tmp): overlayfs snapshots need a non-overlay dir
-    base = Path(tempfile.mkdtemp(prefix="pyshim-sd-"))
-    c = PrivateContainerd(target, base_dir=base, runc=runtime, cri=CriConfig(
-        sandbox_image=PAUSE_IMAGE_REF, handler=PYSHIM_HANDLER, runc_handler=RUNC_HANDLER,
-        systemd_cgroup=True))
+    c = node_containerd(request.param, "pyshim-sd-", cri=CriConfig(
+        sandbox_image=PAUSE_IMAGE_REF, handler=PYSHIM_HANDLER, runc_handler=RUNC_HANDLER, systemd_cgroup=True))
     with running_cri(c, busybox_image, timeout=120):
         yield c

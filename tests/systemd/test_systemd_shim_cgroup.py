@@ -10,15 +10,15 @@ processes rule, for runc-v2 as for pyshim.
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import NODE_IDS, NODES, PYSHIM_HANDLER, RUNC_HANDLER
-from containerd import TARGETS, CriConfig, PrivateContainerd
+from conftest import NODE_IDS, PYSHIM_HANDLER, RUNC_HANDLER
+from containerd import CriConfig
 from cri_client import CriClient
 from cri_pods import running_cri
+from guest_nodes import node_containerd
 from pause_image import PAUSE_IMAGE_REF
 from test_systemd_node import (
     CGROUP_ROOT,
@@ -39,14 +39,13 @@ pytestmark = pytest.mark.timeout(SLOW)
 @pytest.fixture(scope="module")
 def placed(busybox_image: Path):
     """(a containerd whose handlers both have ShimCgroup, that cgroup's path) on the first node."""
-    version, runtime = NODES[NODE_IDS[0]]
     shims = f"{proc_cgroup(os.getpid())}/shims-{uuid.uuid4().hex[:8]}"
     directory = CGROUP_ROOT / shims.lstrip("/")
     directory.mkdir()
     try:
-        c = PrivateContainerd(TARGETS[version], base_dir=Path(tempfile.mkdtemp(prefix="pyshim-sd-")), runc=runtime,
-                              cri=CriConfig(sandbox_image=PAUSE_IMAGE_REF, handler=PYSHIM_HANDLER,
-                                            runc_handler=RUNC_HANDLER, systemd_cgroup=True, shim_cgroup=shims))
+        c = node_containerd(NODE_IDS[0], "pyshim-sd-", cri=CriConfig(
+            sandbox_image=PAUSE_IMAGE_REF, handler=PYSHIM_HANDLER, runc_handler=RUNC_HANDLER,
+            systemd_cgroup=True, shim_cgroup=shims))
         with running_cri(c, busybox_image, timeout=120):
             yield c, shims
     finally:

@@ -7,10 +7,9 @@ qemu guest that mounts only cgroup2 (hack/vm/run-in-vm) and fails when it does n
 They reuse tests/e2e's helpers (PrivateContainerd, the busybox image, the ctr and gRPC helpers
 of its tests); the `e2e` fixture here has the same shape as tests/e2e's.
 
-Each node is a containerd version and the OCI runtime it runs (the runc on its PATH, which
-containerd's runc shim and pyshim both call by default): 2.1 with runc 1.3, 1.7 with Debian
-12's runc 1.1, and 1.6 with crun, put there as `runc` (Debian 12's crun 1.8 refuses the OCI
-spec 1.1+ of containerd 1.7 and 2.x).
+Each node (tests/e2e/guest_nodes.py) is a containerd version and the OCI runtime it runs, as
+the `runc` on its PATH that containerd's runc shim and pyshim both call by default: 2.1 with
+runc 1.3, 1.7 with Debian 12's runc 1.1, 1.6 with crun.
 
 Environment:
   PYSHIM_V2_NODES   comma-separated subset of the node ids (default: all of NODES; each costs
@@ -21,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,20 +28,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from containerd import IMAGE_REF, TARGETS, PrivateContainerd, build_busybox_image, image_cache_dir  # noqa: E402
+from containerd import IMAGE_REF, PrivateContainerd, build_busybox_image, image_cache_dir  # noqa: E402
+from guest_nodes import node_containerd, node_ids  # noqa: E402
 
 from shim.framework import cgroups  # noqa: E402
 
 if not cgroups.is_unified():
     collect_ignore_glob = ["test_*.py"]
 
-#: node id -> (containerd version, OCI runtime binary)
-NODES = {
-    "2.1-runc1.3": ("2.1", TARGETS["2.1"].runc),
-    "1.7-runc1.1": ("1.7", TARGETS["1.7"].runc),
-    "1.6-crun": ("1.6", Path("/usr/bin/crun")),
-}
-NODE_IDS = [n.strip() for n in os.environ.get("PYSHIM_V2_NODES", ",".join(NODES)).split(",") if n.strip()]
+NODE_IDS = node_ids("PYSHIM_V2_NODES")
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +46,7 @@ def busybox_image() -> Path:
 
 @pytest.fixture(scope="session", params=NODE_IDS)
 def containerd(request: pytest.FixtureRequest, busybox_image: Path):
-    version, runtime = NODES[request.param]
-    target = TARGETS[version]
-    missing = target.missing() + ([] if runtime.exists() else [str(runtime)])
-    if missing:
-        pytest.fail(f"node {request.param}: not installed ({', '.join(missing)}); run hack/test")
-    # A tmpfs (the VM's /tmp): overlayfs snapshots need a non-overlay dir, and no stale
-    # private containerds of other runs are swept there.
-    base = Path(tempfile.mkdtemp(prefix="pyshim-v2-"))
-    c = PrivateContainerd(target, base_dir=base, runc=runtime)
+    c = node_containerd(request.param, "pyshim-v2-")
     c.image_archive = busybox_image
     try:
         c.start(timeout=120)
@@ -73,7 +57,7 @@ def containerd(request: pytest.FixtureRequest, busybox_image: Path):
     log_tail = c.log_tail(40)
     leftovers = c.close()
     if leftovers:
-        pytest.fail(f"containerd {target.id}: left behind:\n  " + "\n  ".join(leftovers)
+        pytest.fail(f"node {request.param}: left behind:\n  " + "\n  ".join(leftovers)
                     + f"\ncontainerd log tail:\n{log_tail}")
 
 
