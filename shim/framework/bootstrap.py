@@ -154,11 +154,12 @@ def _ttrpc_version(environ, containerd_binary: str) -> int:
     return NEWEST_SHIM_VERSION if major is not None and major >= 2 else 2
 
 
-def containerd_binary(publish_binary: str) -> str:
-    """containerd's executable: its -publish-binary, else our parent's (containerd runs start)."""
+def containerd_binary(publish_binary: str, parent: int = 0) -> str:
+    """containerd's executable: its -publish-binary, else that of the process that ran start
+    (`parent`, our parent by default)."""
     if publish_binary and os.path.isabs(publish_binary):
         return publish_binary
-    return f"/proc/{os.getppid()}/exe"
+    return f"/proc/{parent or os.getppid()}/exe"
 
 
 # -- Go build info ------------------------------------------------------------------------------

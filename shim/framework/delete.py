@@ -50,7 +50,7 @@ def delete(flags) -> int:
     sys.stdout.buffer.write(delete_response(pid, status, exited_at_ns))
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown: containerd is waiting on us
+    return 0
 
 
 #: Where shim sockets live (shim-protocol.md §2.4); nothing elsewhere is ever removed.

@@ -29,11 +29,34 @@ def print_version(identity: RuntimeIdentity) -> None:
     print(f"  Python:   {sys.version.split()[0]}")
 
 
-def run(identity: RuntimeIdentity, argv: list[str] | None = None) -> int:
-    """Parse the command line and do what containerd asked; the process's exit code."""
+def run(identity: RuntimeIdentity, argv: list[str] | None = None, *, warm=None) -> int:
+    """Parse the command line and do what containerd asked; the process's exit code.
+
+    `start` is handed to the installation's warm zygote when one is listening
+    (shim.framework.zygote_client.run_warm): its fork runs this same function with `warm` set, with
+    everything imported. Here that is all the command costs: this interpreter's start-up.
+    """
     install(identity)
+    words = sys.argv[1:] if argv is None else argv
+    if warm is None and words and words[-1] == "start":  # zygote_client.WARM_ACTIONS
+        from shim.framework.zygote_client import run_warm
+
+        code = run_warm([sys.argv[0], *words])
+        if code is None:
+            code = _run(identity, words, warm)
+        if argv is None:  # the binary itself: containerd waits for its exit, skip the teardown
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    return _run(identity, words, warm)
+
+
+def _run(identity: RuntimeIdentity, words: list[str], warm) -> int:
     try:
-        flags = parse_flags(sys.argv[1:] if argv is None else argv)
+        flags = parse_flags(words)
     except UsageError as exc:
         print(f"{identity.binary_name}: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +70,7 @@ def run(identity: RuntimeIdentity, argv: list[str] | None = None) -> int:
     if flags.action == "start":
         from shim.framework.start import start
 
-        return start(flags)
+        return start(flags, warm=warm)
     if flags.action == "delete":
         from shim.framework.delete import delete
 

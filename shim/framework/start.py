@@ -116,14 +116,15 @@ def write_address(bundle: str, address: str) -> None:
     os.replace(tmp, os.path.join(bundle, "address"))
 
 
-def adjust_oom_score(pid: int) -> None:
-    """Make the daemon a slightly better OOM victim than containerd, like the Go shim does.
+def adjust_oom_score(pid: int, parent: int = 0) -> None:
+    """Make the daemon a slightly better OOM victim than containerd (our `parent`), like the
+    Go shim does.
 
     Raising the score needs no privilege; lowering it needs CAP_SYS_RESOURCE, which some
     hosts (and this project's CI) lack: failing here must not fail the container start.
     """
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj") as f:
+        with open(f"/proc/{parent or os.getppid()}/oom_score_adj") as f:
             score = int(f.read().strip())
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(min(score + 1, 1000)))
@@ -132,8 +133,8 @@ def adjust_oom_score(pid: int) -> None:
 
 
 def _place(pid: int, cgroup: str, address: str) -> bool:
-    """Move the new daemon into the options' shim_cgroup; on failure stop it again and say
-    why (containerd shows start's output as the error)."""
+    """Move the new daemon into the options' shim_cgroup; on failure stop it again (unless it
+    is this process) and say why (containerd shows start's output as the error)."""
     from shim.framework.placement import PlacementError, join_cgroup
 
     if not cgroup:
@@ -143,7 +144,8 @@ def _place(pid: int, cgroup: str, address: str) -> bool:
         return True
     except (PlacementError, OSError) as exc:
         try:
-            os.kill(pid, 9)
+            if pid != os.getpid():
+                os.kill(pid, 9)
             os.unlink(address.removeprefix("unix://"))
         except OSError:
             pass
@@ -182,7 +184,9 @@ def _dense_seat(flags, bundle: str, group: str, capacity: int, grpc: bool) -> tu
         return address, bind_or_find(address)
 
 
-def start(flags) -> int:
+def start(flags, warm=None) -> int:
+    """The start command. `warm` (shim.framework.zygote.Warm) when a zygote's worker runs it:
+    that process becomes the daemon instead of forking one, and returns the exit code."""
     bundle = os.getcwd()
     try:
         stdin_data = sys.stdin.buffer.read() if sys.stdin is not None else b""
@@ -191,7 +195,8 @@ def start(flags) -> int:
     bootstrap = _bootstrap_params(stdin_data, flags.id, flags.namespace)
     from shim.framework.bootstrap import choose, containerd_binary
 
-    protocol = choose(os.environ, containerd_binary(flags.publish_binary), bootstrap)
+    parent = warm.parent_pid if warm is not None else 0  # containerd, which ran this command
+    protocol = choose(os.environ, containerd_binary(flags.publish_binary, parent), bootstrap)
     protocol.export(os.environ)  # before the daemon is forked: it serves what we announce
     from shim.framework.placement import PlacementError, StartOptions, start_options_of
 
@@ -208,18 +213,17 @@ def start(flags) -> int:
         print(f"pyshim start: {exc}", file=sys.stderr)
         return 1
     if listener is not None:
-        from shim.framework.zygote import spawn_daemon
-
-        pid = spawn_daemon(flags, listener, bundle)  # a warm zygote's fork, or None
-        if pid is None:
+        if warm is not None:
+            pid = os.getpid()  # a zygote's worker: the daemon is this process
+        else:
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                _become_daemon(flags, listener)  # never returns
-        listener.close()
+                become_daemon(flags, listener)  # never returns
+            listener.close()
         if not _place(pid, options.shim_cgroup, address):
             return 1
-        adjust_oom_score(pid)
+        adjust_oom_score(pid, parent)
     reply = protocol.reply(address)
     write_address(bundle, protocol.address_file(address))
     if bootstrap:
@@ -229,10 +233,14 @@ def start(flags) -> int:
     else:
         sys.stdout.write(reply)
     sys.stdout.flush()
+    if warm is not None:
+        if listener is not None:
+            warm.become_daemon(flags, listener, address)  # never returns
+        return 0
     os._exit(0)  # skip interpreter teardown: containerd waits for this process to exit
 
 
-def _become_daemon(flags, listener: _socket.socket) -> None:
+def become_daemon(flags, listener: _socket.socket) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # out of containerd's process group, as the Go shim does

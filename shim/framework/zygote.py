@@ -1,51 +1,53 @@
-"""A warm parent ("zygote") that forks the per-container shim daemons.
+"""A warm parent ("zygote") whose forks run the binary's `start` command and become its daemon.
 
-Without it, every container start pays for a fresh daemon's imports (asyncio, betterproto2,
-the generated protobuf modules, the shim's own modules: ~120 ms on a small machine) while
-containerd's Create already waits on the socket. The zygote is one long-lived process per
-pyshim installation that has imported all of that once; `start` hands it the bound listening
-socket and the zygote forks a daemon that serves at once.
+containerd runs the shim binary's `start` for every container (and every pod on 1.x) and
+waits for it. A fresh interpreter that imports the shim and then forks the daemon pays for its
+imports (asyncio, betterproto2, the generated protobuf modules, the shim's own modules: ~120 ms
+here) on the container's path, and so does the daemon. The zygote is one
+long-lived process per pyshim installation and binary that has imported all of that once: the
+command process (shim/framework/zygote_client.py) hands it its argv, directory, environment
+and stdin/stdout/stderr, and a fork of the zygote runs `shim.framework.main.run` there exactly
+as the command would have. A `start` that makes a daemon ends with that fork *being* the
+daemon; the command process only relays the exit code, so what a command costs is its own
+interpreter's start-up.
 
-`start` side (`spawn_daemon`, this module's top level: stdlib only, cheap to import):
+The exchange on the zygote's unix socket (SOCK_SEQPACKET, one JSON message each way per step):
 
-* connect to the zygote's unix socket (SOCK_SEQPACKET), send one request -- the start
-  command's flags, bundle and environment, with the listening socket as SCM_RIGHTS -- and
-  read the daemon's pid; answer "go" and return the pid. Any failure returns None and the
-  caller forks the daemon itself, exactly as without a zygote.
-* no zygote listening: start one (posix_spawn of a fresh interpreter in its own session,
-  stdio on /dev/null, no fd of containerd's) under an flock, and return None for this start.
-* ``PYSHIM_ZYGOTE=0`` disables all of it.
+* command -> zygote: {"v", "argv", "cwd", "env"} with fds 0, 1 and 2 as SCM_RIGHTS;
+* zygote: the peer must have our uid (SO_PEERCRED) and our namespaces, credentials,
+  capabilities, seccomp and LSM label; then fork. While the worker runs, the zygote checks
+  that the installation's files are still the ones it loaded; when they are not, it retires
+  (the next command starts a new zygote);
+* worker -> command: {"pid"} once it has taken on the command's cgroups and settings, or
+  {"error"} (the command runs itself: nothing ran here);
+* command -> worker: "go" (a command that gave up waiting runs itself, and the worker, seeing
+  no "go", exits: a command never runs twice);
+* worker -> command: {"exit": code} after the command's output is complete and the worker let
+  go of the command's stdio (containerd reads it to EOF); for a start that became a daemon,
+  {"exit": 0, "daemon": true}, answered "ok" by the command before it exits 0: the daemon
+  serves only then, so a start that containerd killed never leaves a daemon behind.
 
-The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root>``):
+The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root> <identity>``):
 
-* imports what the daemon imports, warms betterproto2's per-class metadata, `gc.freeze()`s,
-  fills its allocators' holes (shim/framework/forkheap.py: daemons then copy fewer pages),
-  then binds its socket (mode 0600, dir 0700) and holds the flock for its whole life, so at
-  most one zygote per installation is alive or starting;
+* imports what the daemon and `start` import, warms betterproto2's per-class
+  metadata, `gc.freeze()`s, fills its allocators' holes (shim/framework/forkheap.py: daemons
+  then copy fewer pages), then binds its socket (mode 0600, dir 0700) and holds the flock for
+  its whole life, so at most one zygote per installation is alive or starting;
 * a plain blocking accept loop, no asyncio loop ever runs in it, no threads; it answers one
-  request at a time (~1.5 ms each here) and only peers with its own uid (SO_PEERCRED) whose
-  namespaces, credentials, capabilities, seccomp and LSM label are its own;
-* per request it forks the daemon (one fork) and reaps its daemons on SIGCHLD, so no zombie
-  stays behind; a daemon outliving the zygote is reparented like a start-forked one (whose
-  parent, start, exits at once);
+  request at a time (a fork, ~1-2 ms here) and reaps its workers on SIGCHLD, so no zombie
+  stays behind; a daemon outliving the zygote is reparented like a start-forked one;
 * it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
   ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600), on SIGTERM (removing its
   socket) or when its socket file is no longer its own, and appends a small best-effort log
   to its lock file (``<socket>.lock``: the time of the last start attempt, then the log of
   the zygote that attempt started), so one installation leaves one small file behind.
 
-The daemon child becomes what a start-forked daemon would have been: own process group (not
-a session leader), the start command's signal dispositions and mask, cgroups (v1 and v2),
-rlimits, umask, CPU affinity, nice value and oom_score_adj, cwd = bundle, the start command's
-environment (also shown in /proc/<pid>/environ) and command line (/proc/<pid>/cmdline and
-comm, so `ps` and tools that look for the shim by its arguments see the usual shim), none of
-the zygote's fds. It sends its pid to `start`, waits for "go" (so that a start that gave up
-waiting can never end up with two daemons on one socket), then calls
-`shim.framework.daemon.serve(flags, listener)`.
-
-The socket's name is keyed by the installation: interpreter, package directory, version,
-size and mtime of every .py file of the package, uid and PYTHON* environment variables; an
-upgraded or edited pyshim starts a new zygote and the old one idles out.
+The worker becomes what the command's own process is: own process group (not a session
+leader, as a start-forked daemon), the command's signal dispositions and mask, cgroups (v1
+and v2), rlimits, umask, CPU affinity, nice value and oom_score_adj, cwd, environment (also
+shown in /proc/<pid>/environ) and command line (/proc/<pid>/cmdline and comm, so `ps` and
+tools that look for the shim by its arguments see the usual shim), stdio, and none of the
+zygote's fds. ``PYSHIM_ZYGOTE=0`` disables all of it.
 """
 
 from __future__ import annotations
@@ -54,47 +56,14 @@ import os
 import sys
 
 from shim import __version__
+from shim.framework.zygote_client import (
+    _PAD_VAR, GO_TIMEOUT, MAX_MESSAGE, PROTOCOL, REQUEST_TIMEOUT, WARM_ACTIONS, _identity_argument, _sha256,
+)
 
-DEFAULT_DIR = "/run/containerd/s"
 #: Seconds without a request after which the zygote exits (env PYSHIM_ZYGOTE_IDLE).
 DEFAULT_IDLE = 600.0
-#: `spawn_daemon`'s limit for each step of its exchange (connect, send, pid reply).
-CLIENT_TIMEOUT = 2.0
-#: The zygote's limit for reading a request; the daemon's for receiving "go".
-REQUEST_TIMEOUT = 2.0
-GO_TIMEOUT = 10.0
 #: How often an idle zygote checks that its socket file is still its own.
 CHECK_INTERVAL = 5.0
-#: Seconds between two attempts to start a zygote (one that fails is not retried per start).
-RESPAWN_DELAY = 10.0
-PROTOCOL = 1
-MAX_MESSAGE = 1 << 20
-#: Room in the zygote's argv and environ areas for the daemons' /proc cmdline and environ.
-ARG_ROOM = 4096
-ENV_ROOM = 32768
-_PAD_VAR = "PYSHIM_ZYGOTE_PAD"
-_NAME = "pyshim-zygote-"
-
-#: Why the last `spawn_daemon` returned None (for tests and debugging; never printed:
-#: containerd reads the start command's output as the address).
-last_error = ""
-
-
-def _enabled() -> bool:
-    return os.environ.get("PYSHIM_ZYGOTE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _sha256():
-    try:
-        from _sha256 import sha256  # the built-in one: hashlib would load OpenSSL (~3 ms)
-    except ImportError:
-        from hashlib import sha256
-    return sha256()
-
-
-def _flag_values(flags) -> dict:
-    names = getattr(flags, "__slots__", None) or getattr(flags, "__dataclass_fields__", None) or vars(flags)
-    return {name: getattr(flags, name) for name in names}
 
 
 def installation_key() -> str:
@@ -137,128 +106,6 @@ def installation_key() -> str:
         h.update(os.fsencode(line) + b"\n")
     return h.hexdigest()
 
-
-def _identity_argument() -> str:
-    """The installed RuntimeIdentity as the zygote's JSON argument ("" when none is)."""
-    from shim.framework import app as app_module
-
-    try:
-        identity = app_module.identity()
-    except RuntimeError:
-        return ""
-    from shim.framework.lightjson import dumps
-
-    return dumps({name: getattr(identity, name) for name in sorted(identity.__slots__)})
-
-
-def socket_path(directory: str | None = None) -> str:
-    directory = directory or os.environ.get("PYSHIM_ZYGOTE_DIR") or DEFAULT_DIR
-    return os.path.join(directory, _NAME + installation_key()[:32])
-
-
-def spawn_daemon(flags, listener, bundle: str, *, directory: str | None = None) -> int | None:
-    """The pid of a daemon a warm zygote forked to serve `listener`, or None: fork it yourself.
-
-    None never leaves a daemon behind for this listener: the daemon serves only after we
-    answered its pid with "go". When no zygote is listening, one is started for the next
-    starts (and None returned for this one).
-    """
-    global last_error
-    last_error = ""
-    if not _enabled():
-        last_error = "disabled by PYSHIM_ZYGOTE"
-        return None
-    # `start` runs this: _socket and lightjson, not socket and json (~7 ms of imports).
-    import _socket
-
-    from shim.framework.lightjson import dumps, loads
-
-    conn = None
-    try:
-        path = socket_path(directory)
-        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        conn.settimeout(CLIENT_TIMEOUT)
-        try:
-            conn.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            last_error = f"no zygote at {path}: {exc}"
-            start_zygote(path)
-            return None
-        request = dumps({
-            "v": PROTOCOL,
-            "flags": _flag_values(flags),
-            "bundle": bundle,
-            "env": dict(os.environ),
-        }).encode()
-        fd = listener.fileno().to_bytes(4, sys.byteorder)
-        conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
-        reply = loads(conn.recv(65536) or b"{}")
-        pid = reply.get("pid")
-        if type(pid) is not int or pid <= 0:
-            last_error = f"zygote refused: {reply.get('error', 'no reply')}"
-            return None
-        conn.send(b"go")
-        return pid
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        last_error = f"zygote failed: {exc!r}"
-        return None
-    finally:
-        if conn is not None:
-            conn.close()
-
-
-def start_zygote(path: str) -> bool:
-    """Start a zygote serving `path` unless one is alive or starting (it holds the lock)."""
-    import fcntl
-    import time
-
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        if not sys.executable:
-            return False
-        # The lock file holds the time of the last attempt: a zygote that cannot start (or
-        # dies at once) is retried every RESPAWN_DELAY seconds, not at every container start.
-        now = time.time()
-        try:
-            last = float(os.pread(lock, 64, 0).split(b"\n", 1)[0] or b"0")
-        except ValueError:
-            last = 0.0
-        if 0 <= now - last < RESPAWN_DELAY:
-            return False
-        os.ftruncate(lock, 0)
-        os.pwrite(lock, f"{now:.3f}\n".encode(), 0)
-        os.set_inheritable(lock, True)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        boot = ("import sys; sys.path.insert(0, sys.argv[3]); from shim.framework.zygote import main; "
-                "sys.exit(main(sys.argv[1:]))")
-        argv = [sys.executable, "-P", "-c", boot, path, str(lock), root, _identity_argument(), "-" * ARG_ROOM]
-        env = {**os.environ, _PAD_VAR: "-" * ENV_ROOM}
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
-            (os.POSIX_SPAWN_DUP2, 0, 1),
-            (os.POSIX_SPAWN_DUP2, 0, 2),
-        ]
-        # containerd's pipes are 0-2; whatever else this process might have inherited must
-        # not reach a process that outlives it
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            try:
-                if fd > 2 and fd != lock and os.get_inheritable(fd):
-                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
-            except OSError:
-                pass
-        os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=actions)
-        return True
-    finally:
-        os.close(lock)  # the zygote holds its own copy of the locked file
-
-
 # -- the zygote ---------------------------------------------------------------------------------
 
 #: What the daemon imports (at start and in its handlers), imported once by the zygote.
@@ -273,6 +120,9 @@ PRELOAD = (
     "shim.api.containerd.task.v3", "shim.api.containerd.types", "shim.api.containerd.v1.types",
     "shim.api.containerd.runc.v1", "shim.api.runtimeoptions.v1", "shim.api.google.protobuf",
     "shim.api.io.containerd.cgroups.v1", "shim.api.io.containerd.cgroups.v2",
+    # what the start command runs in a worker
+    "shim.framework.main", "shim.framework.start", "shim.framework.placement", "shim.framework.lightjson",
+    "shim.framework.ttrpc.wire",
 )
 
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
@@ -320,6 +170,72 @@ def _signal_set(mask_hex: str) -> set[int]:
     return {n + 1 for n in range(mask.bit_length()) if mask >> n & 1}
 
 
+def _describe(argv: object) -> str:
+    """`start id=<id>` for the zygote's log."""
+    if not isinstance(argv, list) or not argv:
+        return "?"
+    words = [str(a) for a in argv]
+    task = next((words[i + 1] for i, w in enumerate(words[:-1]) if w.lstrip("-") == "id"), "?")
+    return f"{words[-1]} id={task}"
+
+
+def _detach_stdio() -> None:
+    """Flush what the command printed and let go of its stdio: containerd reads the output
+    until every copy of the pipe is closed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _report_exit(conn: socket.socket, code: int) -> None:
+    _detach_stdio()
+    try:
+        conn.send(json.dumps({"exit": code}).encode())
+    except OSError:
+        pass
+
+
+class Warm:
+    """Where a command runs when a zygote's worker runs it (shim.framework.main.run's `warm`):
+    the command's parent (containerd, for start's oom_score_adj) and the way to become the
+    daemon once the command's output is complete."""
+
+    def __init__(self, conn: socket.socket, parent_pid: int, on_daemon=None) -> None:
+        self.conn = conn
+        self.parent_pid = parent_pid
+        self.on_daemon = on_daemon
+
+    def become_daemon(self, flags, listener, address: str) -> None:
+        """Report exit 0 and, once the command has it (and so exits 0), serve `listener` in
+        this process. Never returns."""
+        _detach_stdio()
+        try:
+            self.conn.send(json.dumps({"exit": 0, "daemon": True}).encode())
+            self.conn.settimeout(GO_TIMEOUT)
+            confirmed = self.conn.recv(16) == b"ok"
+        except OSError:
+            confirmed = False
+        if not confirmed:
+            # The command died before it exited 0: containerd never learns this socket.
+            try:
+                os.unlink(address.removeprefix("unix://"))
+            except OSError:
+                pass
+            os._exit(1)
+        self.conn.close()
+        if self.on_daemon is not None:
+            self.on_daemon()
+        from shim.framework.start import become_daemon
+
+        become_daemon(flags, listener)
+
+
 class Refused(Exception):
     pass
 
@@ -341,11 +257,13 @@ class Zygote:
         self.log_fd = -1
         self.log_keep = 0
         self.me = _identity(os.getpid(), _status(os.getpid()))
+        self.key = installation_key()  # a request finding other files retires this zygote
         self.ignored: set[int] = set()
         self.blocked = False
         self.fd_ceiling = _fd_ceiling()
         self.accepting = False
         self.stopping = False
+        self.stale = False
         self._time = time
         self._signal = signal
 
@@ -400,8 +318,9 @@ class Zygote:
         last = self._time.monotonic()
         while True:
             remaining = last + self.idle - self._time.monotonic()
-            if self.stopping or remaining <= 0:
-                self.retire("SIGTERM" if self.stopping else "idle", drain=not self.stopping)
+            if self.stopping or self.stale or remaining <= 0:
+                why = "SIGTERM" if self.stopping else "installation changed" if self.stale else "idle"
+                self.retire(why, drain=not (self.stopping or self.stale))
                 return 0
             self.server.settimeout(min(remaining, CHECK_INTERVAL))
             try:
@@ -448,7 +367,7 @@ class Zygote:
     def serve_one(self, conn: socket.socket) -> None:
         t0 = self._time.perf_counter()
         fds: list[int] = []
-        task = "?"
+        what = "?"
         try:
             conn.settimeout(REQUEST_TIMEOUT)
             raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
@@ -466,18 +385,14 @@ class Zygote:
                 request = json.loads(msg)
                 if not isinstance(request, dict) or request.get("v") != PROTOCOL:
                     raise Refused("unknown protocol")
-                task = str(request.get("flags", {}).get("id", "?"))
-                if len(fds) != 1:
-                    raise Refused(f"expected one fd, got {len(fds)}")
-                listener = socket.socket(fileno=fds.pop())
-                try:
-                    pid = self.fork_daemon(conn, listener, request, peer_pid)
-                finally:
-                    listener.close()
+                what = _describe(request.get("argv"))
+                if len(fds) != 3:
+                    raise Refused(f"expected three fds (stdin, stdout, stderr), got {len(fds)}")
+                pid = self.fork_worker(conn, fds, request, peer_pid)
                 ms = (self._time.perf_counter() - t0) * 1000
-                self.log(f"id={task} start pid {peer_pid}: forked daemon {pid} in {ms:.1f} ms")
+                self.log(f"{what} pid {peer_pid}: forked worker {pid} in {ms:.1f} ms")
             except (Refused, ValueError, TypeError, AttributeError, OSError) as exc:
-                self.log(f"id={task} start pid {peer_pid}: refused: {exc}")
+                self.log(f"{what} pid {peer_pid}: refused: {exc}")
                 try:
                     conn.send(json.dumps({"error": str(exc)}).encode())
                 except OSError:
@@ -489,52 +404,36 @@ class Zygote:
                 os.close(fd)
             conn.close()
 
-    def fork_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, peer_pid: int) -> int:
-        if listener.family != socket.AF_UNIX or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise Refused("the fd is not a listening unix socket")
-        for key, kind in (("flags", dict), ("env", dict), ("bundle", str)):
+    def fork_worker(self, conn: socket.socket, fds: list[int], request: dict, peer_pid: int) -> int:
+        argv = request.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise Refused("bad argv")
+        if argv[-1] not in WARM_ACTIONS:
+            raise Refused(f"not a command the zygote runs: {argv[-1]!r}")
+        for key, kind in (("env", dict), ("cwd", str)):
             if not isinstance(request.get(key), kind):
                 raise Refused(f"bad {key}")
-        if not os.path.isdir(request["bundle"]):
-            raise Refused(f"no bundle directory {request['bundle']!r}")
+        if not os.path.isdir(request["cwd"]):
+            raise Refused(f"no directory {request['cwd']!r}")
         status = _status(peer_pid)
         them = _identity(peer_pid, status)
         if not status or them != self.me:
             diff = sorted(k for k in self.me if them.get(k) != self.me[k])
-            raise Refused(f"start command differs from the zygote in {', '.join(diff) or 'everything'}")
-        # Read all of start's state now: once it has the pid, start exits (its pid may be reused).
+            raise Refused(f"the command differs from the zygote in {', '.join(diff) or 'everything'}")
         cgroups = _cgroup_targets(peer_pid)
         settings = _peer_settings(peer_pid, status)
         pid = os.fork()
         if pid == 0:
-            self.become_daemon(conn, listener, request, status, settings)  # never returns
-        # Done here, before start learns the pid, so that neither can fail after start has
-        # committed to this daemon, nor undo start's own oom_score_adj for it.
-        try:
-            for procs in cgroups:
-                with open(procs, "w") as f:
-                    f.write(str(pid))
-        except OSError as exc:
-            try:
-                os.kill(pid, self._signal.SIGKILL)  # it waits for a "go" that never comes
-            except ProcessLookupError:
-                pass
-            raise Refused(f"cannot move the daemon into start's cgroups: {exc}") from exc
-        score = settings["oom_score_adj"]
-        if score and score != _read("/proc/self/oom_score_adj").strip():
-            try:
-                with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-                    f.write(score)
-            except OSError as exc:  # lowering needs CAP_SYS_RESOURCE: the daemon keeps ours
-                self.log(f"daemon {pid}: oom_score_adj {score}: {exc}")
-        try:
-            conn.send(json.dumps({"pid": pid}).encode())
-        except OSError:
-            pass  # start gave up: the daemon sees no "go" and exits
+            self.become_worker(conn, fds, request, status, settings, cgroups)  # never returns
+        # Checked while the worker runs, off the command's path (the stat of every file: ~0.7 ms):
+        # one command more on the old files, then the next one starts a new zygote.
+        if installation_key() != self.key:
+            self.log("the installation's files changed since this zygote started: retiring")
+            self.stale = True
         return pid
 
     def reap(self, *_: object) -> None:
-        """SIGCHLD: collect exited daemons (our only children) so no zombie stays behind."""
+        """SIGCHLD: collect exited workers (our only children) so no zombie stays behind."""
         while True:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
@@ -543,40 +442,61 @@ class Zygote:
             if pid == 0:
                 return
 
-    # -- in the daemon child ---------------------------------------------------------------
+    # -- in the worker child -----------------------------------------------------------------
 
-    def become_daemon(self, conn: socket.socket, listener: socket.socket, request: dict, status: dict[str, str],
-                      settings: dict) -> None:
+    def become_worker(self, conn: socket.socket, fds: list[int], request: dict, status: dict[str, str],
+                      settings: dict, cgroups: list[str]) -> None:
+        """Become what the command's own process is (its cgroups, settings, signals, stdio,
+        directory, environment and command line), then run the command there."""
         code = 1
         try:
             self.server.close()  # type: ignore[union-attr]
-            keep = sorted({0, 1, 2, conn.fileno(), listener.fileno()})
+            keep = sorted({0, 1, 2, conn.fileno(), *fds})
             for lo, hi in zip(keep, [*keep[1:], self.fd_ceiling]):
                 os.closerange(lo + 1, hi)  # the lock, the log, anything else of ours
-            os.setpgid(0, 0)  # own group, as start's fork does; not a session leader
+            os.setpgid(0, 0)  # own group, as a start-forked daemon; not a session leader
             self._signals(status)
-            from shim.framework.flags import Flags
-
-            known = set(_flag_values(Flags()))
-            flags = Flags(**{k: v for k, v in request["flags"].items() if k in known})
-            env = {str(k): str(v) for k, v in request["env"].items()}
+            try:
+                for procs in cgroups:
+                    with open(procs, "w") as f:
+                        f.write(str(os.getpid()))
+            except OSError as exc:
+                conn.send(json.dumps({"error": f"cannot join the command's cgroups: {exc}"}).encode())
+                return
+            score = settings["oom_score_adj"]
+            if score and score != _read("/proc/self/oom_score_adj").strip():
+                try:
+                    with open("/proc/self/oom_score_adj", "w") as f:
+                        f.write(score)
+                except OSError:  # lowering needs CAP_SYS_RESOURCE: keep the zygote's
+                    pass
+            conn.send(json.dumps({"pid": os.getpid()}).encode())
             conn.settimeout(GO_TIMEOUT)
             if conn.recv(16) != b"go":
-                return  # start gave up on us and forks its own daemon: never serve
-            conn.close()
-            os.chdir(request["bundle"])
-            if settings["argv"][1:]:
-                sys.argv = [os.fsdecode(a) for a in settings["argv"][1:]]  # as start's, if run as a script
+                return  # the command gave up on us and runs itself: never run it twice
+            conn.settimeout(None)
+            os.chdir(request["cwd"])
+            argv = [str(a) for a in request["argv"]]
+            sys.argv = argv
+            env = {str(k): str(v) for k, v in request["env"].items()}
             os.environ.clear()
             os.environ.update(env)
             _apply_settings(settings)
-            _set_proc_strings(settings["argv"], settings["comm"], env)
-            from shim.framework.daemon import serve
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            from shim.framework.app import identity
+            from shim.framework.main import run
 
-            code = serve(flags, listener)
+            # The command line and environment in /proc, as `ps` shows a shim: for the daemon only
+            # (~0.4 ms, after its start reported).
+            shown = (settings["argv"], settings["comm"], env)
+            code = run(identity(), argv[1:], warm=Warm(conn, int(status.get("PPid", "0") or 0),
+                                                       lambda: _set_proc_strings(*shown)))
         except BaseException:
             code = 1
         finally:
+            _report_exit(conn, code)
             os._exit(code)
 
     def note_signals(self) -> None:

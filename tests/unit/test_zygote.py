@@ -1,4 +1,5 @@
-"""The zygote: a warm parent that forks daemons for `start`, and every way it may not be used.
+"""The zygote: a warm parent whose forks run `start` and become its daemon, and every way it may
+not be used.
 
 Each test gets its own socket directory, so its zygote is its own; the zygote is started by a
 short-lived helper process (as `start` starts it) so that it is reparented like in production,
@@ -22,48 +23,61 @@ import uuid
 
 import pytest
 
-from shim.framework import zygote
-from shim.framework.flags import Flags
+from shim.framework import zygote, zygote_client
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="daemons join cgroups and serve like root shims")
 
-# Plays the start command: optionally joins cgroups, binds a listening socket and asks the
-# zygote for a daemon (or only starts a zygote), prints what it got, exits.
+# Plays containerd running the binary's start or delete: optionally joins cgroups and changes
+# its settings, then forks "the command" (the binary's process, whose parent it is) which hands
+# its argv to the zygote on a pipe for stdout and a file for stderr, and prints what it got.
 HELPER = r"""
-import json, os, socket, sys
+import json, os, sys
 from shim.cli import IDENTITY
-from shim.framework import zygote
+from shim.framework import zygote_client
 from shim.framework.app import install
-from shim.framework.flags import Flags
 install(IDENTITY)  # as the binary's entry point does: the zygote is keyed by it
 args = json.loads(sys.argv[1])
 if args.get("start_only"):
-    print(json.dumps({"started": zygote.start_zygote(zygote.socket_path(args["dir"]))}))
+    print(json.dumps({"started": zygote_client.start_zygote(zygote_client.socket_path(args["dir"]))}))
     sys.exit(0)
 for procs in args.get("cgroups", []):
     with open(procs, "w") as f:
         f.write(str(os.getpid()))
-if args.get("settings"):  # what a daemon must take on from its start command
+if args.get("settings"):  # what the command's process (and so its worker) has from containerd
     import resource
     os.nice(3)
     os.umask(0o027)
     resource.setrlimit(resource.RLIMIT_NOFILE, (4321, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("500")  # raising needs no privilege
-path = args["address"]
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(path)
-listener.listen(16)
-flags = Flags(namespace="unit", id=args["id"], address="/run/nowhere/containerd.sock",
-              publish_binary="containerd", action="start")
-pid = zygote.spawn_daemon(flags, listener, args["bundle"], directory=args["dir"])
-if pid and args.get("settings"):  # as start's adjust_oom_score does, at once
-    with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-        f.write("501")
-print(json.dumps({"pid": pid, "error": zygote.last_error, "cgroup": open("/proc/self/cgroup").read(),
-                  "cmdline": open("/proc/self/cmdline", "rb").read().decode(), "comm": open("/proc/self/comm").read()}))
-sys.stdout.flush()
-os._exit(0)  # as start does: the daemon must not need us once it has its "go"
+out_r, out_w = os.pipe()
+err_path = os.path.join(args["dir"], "stderr-" + args.get("id", "x"))
+pid = os.fork()
+if pid == 0:
+    os.chdir(args.get("cwd", "/"))
+    os.dup2(out_w, 1)
+    err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(err, 2)
+    os.close(out_r)
+    report = os.open(args["report"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    code = zygote_client.run_warm([sys.argv[0], *args["argv"]], directory=args["dir"])
+    os.write(report, json.dumps({"code": code, "error": zygote_client.last_error, "worker": zygote_client.last_worker,
+                                 "cmdline": open("/proc/self/cmdline", "rb").read().decode(),
+                                 "comm": open("/proc/self/comm").read()}).encode())
+    os._exit(0 if code is None else code)
+os.close(out_w)
+stdout = b""
+while chunk := os.read(out_r, 65536):  # EOF only once every holder of the pipe let go
+    stdout += chunk
+_, status = os.waitpid(pid, 0)
+with open(args["report"]) as f:
+    got = json.load(f)
+with open(err_path, "rb") as f:
+    got["stderr"] = f.read().decode(errors="replace")
+got["stdout"] = stdout.decode(errors="replace")
+got["stdout_hex"] = stdout.hex()
+got["status"] = os.waitstatus_to_exitcode(status)
+print(json.dumps(got))
 """
 
 
@@ -101,7 +115,7 @@ class Env:
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="zyg-", dir="/tmp")  # short: sun_path is 108 bytes
-        self.path = zygote.socket_path(self.dir)
+        self.path = zygote_client.socket_path(self.dir)
         self.daemons: list[int] = []
         self.env = {**os.environ, "PYSHIM_ZYGOTE_IDLE": "60"}
         self.env.pop("PYSHIM_ZYGOTE", None)
@@ -116,7 +130,7 @@ class Env:
         return pids
 
     def run_helper(self, args: dict, env: dict | None = None) -> dict:
-        args = {"dir": self.dir, **args}
+        args = {"dir": self.dir, "report": os.path.join(self.dir, f"report-{uuid.uuid4().hex[:6]}"), **args}
         done = subprocess.run([sys.executable, "-c", HELPER, json.dumps(args)], env=env or self.env,
                               capture_output=True, timeout=30, cwd="/")
         assert done.returncode == 0, done.stderr.decode()
@@ -150,7 +164,7 @@ class Env:
             except ProcessLookupError:
                 continue
             stat = _stat(pid)
-            if stat is not None and int(stat[1]) == os.getpid():  # a zygote spawn_daemon started from here
+            if stat is not None and int(stat[1]) == os.getpid():  # a zygote run_warm started from here
                 os.waitpid(pid, 0)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -166,13 +180,8 @@ def env():
 
 def test_disabled_by_environment(env, monkeypatch):
     monkeypatch.setenv("PYSHIM_ZYGOTE", "0")
-    a, b = socket.socketpair()
-    try:
-        assert zygote.spawn_daemon(Flags(id="x"), a, "/", directory=env.dir) is None
-    finally:
-        a.close()
-        b.close()
-    assert "disabled" in zygote.last_error
+    assert zygote_client.run_warm(["shim", "-id", "x", "start"], directory=env.dir) is None
+    assert "disabled" in zygote_client.last_error
     assert os.listdir(env.dir) == []  # no zygote was started either
 
 
@@ -184,7 +193,7 @@ def test_installation_key_follows_version_and_python_environment(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     assert zygote.installation_key() != key
-    assert len(zygote.socket_path("/run/containerd/s")) < 108
+    assert len(zygote_client.socket_path("/run/containerd/s")) < 108
 
 
 def test_installation_key_follows_dependencies_not_the_bundle(monkeypatch, tmp_path):
@@ -205,14 +214,9 @@ def test_installation_key_follows_dependencies_not_the_bundle(monkeypatch, tmp_p
 
 def test_no_zygote_starts_one_and_falls_back(env, monkeypatch):
     monkeypatch.setenv("PYSHIM_ZYGOTE_IDLE", "60")
-    a, b = socket.socketpair()
-    try:
-        started = time.perf_counter()
-        assert zygote.spawn_daemon(Flags(id="x"), a, "/", directory=env.dir) is None
-        assert time.perf_counter() - started < 0.5  # it does not wait for the zygote
-    finally:
-        a.close()
-        b.close()
+    started = time.perf_counter()
+    assert zygote_client.run_warm(["shim", "-id", "x", "start"], directory=env.dir) is None
+    assert time.perf_counter() - started < 0.5  # it does not wait for the zygote
     _wait(env.connectable, 30, "the zygote to listen")
     (pid,) = env.zygote_pids()
     assert os.stat(env.path).st_mode & 0o777 == 0o600
@@ -248,38 +252,46 @@ def test_a_zygote_that_fails_is_not_retried_at_every_start(env):
         f.write(f"{time.time():.3f}\n")
     assert env.run_helper({"start_only": True}) == {"started": False}
     with open(env.path + ".lock", "w") as f:
-        f.write(f"{time.time() - zygote.RESPAWN_DELAY - 1:.3f}\n")
+        f.write(f"{time.time() - zygote_client.RESPAWN_DELAY - 1:.3f}\n")
     assert env.run_helper({"start_only": True}) == {"started": True}
 
 
 @root_only
-def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
+def test_start_in_a_worker_is_the_start_command_and_then_its_daemon(env):
     from shim.api.containerd.task import v2 as task
     from shim.api.google.protobuf import Empty
+    from shim.framework.start import socket_address
     from shim.framework.ttrpc import Client
 
     zygote_env = {**env.env, "ZYGOTE_ONLY": "1"}
     zpid = env.start_zygote(zygote_env)
 
-    # the start command's cgroups differ from the zygote's: one v1 hierarchy and v2, if mounted
+    # the command's cgroups differ from the zygote's: one v1 hierarchy and v2, if mounted
     cgroups = _test_cgroups()
+    address = ""
     try:
         bundle = env.bundle()
         log_reader = os.open(os.path.join(bundle, "log"), os.O_RDONLY | os.O_NONBLOCK)
         task_id = f"z-{uuid.uuid4().hex[:8]}"
-        address = os.path.join(env.dir, "shim.sock")
+        containerd = os.path.join(env.dir, "containerd.sock")
         start_env = {**env.env, "TTRPC_ADDRESS": os.path.join(env.dir, "nobody.ttrpc"), "START_MARK": task_id}
         started = time.perf_counter()
-        got = env.run_helper({"id": task_id, "address": address, "bundle": bundle, "settings": True,
+        got = env.run_helper({"id": task_id, "cwd": bundle, "settings": True,
+                              "argv": ["-namespace", "unit", "-address", containerd, "-id", task_id, "start"],
                               "cgroups": [procs for procs, _, _ in cgroups]}, start_env)
         took = time.perf_counter() - started
-        pid = got["pid"]
-        assert pid, got["error"]
+        assert (got["code"], got["status"], got["stderr"]) == (0, 0, ""), got
+        pid = got["worker"]
         env.daemons.append(pid)
         assert took < 5
+        # what start prints and records, and containerd reads its output to EOF although the daemon runs on
+        assert got["stdout"] == socket_address(containerd, "unit", task_id)
+        with open(os.path.join(bundle, "address")) as f:
+            assert f.read() == got["stdout"]
+        address = got["stdout"]
 
         async def connect() -> int:
-            async with await Client.connect("unix://" + address) as client:
+            async with await Client.connect(address) as client:
                 reply = await client.call("containerd.task.v3.Task", "Connect", task.ConnectRequest(id=task_id),
                                           task.ConnectResponse, timeout=10)
                 return reply.shim_pid
@@ -303,6 +315,7 @@ def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
         assert _cgroups_of(pid, cgroups) == [rel for _, _, rel in cgroups]
         fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert env.path + ".lock" not in fds
+        assert {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in ("0", "1", "2")} == {"/dev/null"}
         with open(f"/proc/{pid}/status") as f:
             status = {k: v.strip() for k, v in (line.split(":", 1) for line in f.read().splitlines())}
         assert int(status["SigBlk"], 16) == 0
@@ -311,86 +324,98 @@ def test_daemon_from_the_zygote_is_a_start_forked_daemon(env):
         with open(f"/proc/{pid}/limits") as f:
             assert [line.split()[3] for line in f if line.startswith("Max open files")] == ["4321"]
         with open(f"/proc/{pid}/oom_score_adj") as f:
-            assert f.read().strip() == "501"  # start's own adjustment is not undone
+            assert f.read().strip() == "501"  # one above the command's parent's (containerd's), as start sets it
 
         async def shutdown() -> None:
-            async with await Client.connect("unix://" + address) as client:
+            async with await Client.connect(address) as client:
                 await client.call("containerd.task.v2.Task", "Shutdown", task.ShutdownRequest(id=task_id), Empty,
                                   timeout=10)
 
         asyncio.run(shutdown())
         _wait(lambda: _gone(pid), 15, "the daemon to exit and be reaped")
-        assert not os.path.exists(address)
+        assert not os.path.exists(address.removeprefix("unix://"))
         os.close(log_reader)
         assert env.zygote_pids() == [zpid]
         assert not [p for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or ["", "0"])[1] == str(zpid)]
     finally:
         _remove_cgroups(cgroups)
+        if address:
+            try:
+                os.unlink(address.removeprefix("unix://"))
+            except FileNotFoundError:
+                pass
+
+
+def test_a_bad_command_line_fails_in_the_worker_as_in_the_binary(env):
+    from shim.cli import IDENTITY
+    from shim.framework.flags import UsageError, parse_flags
+
+    env.start_zygote()
+    with pytest.raises(UsageError) as bad:
+        parse_flags(["-no-such-flag", "start"])
+    got = env.run_helper({"argv": ["-no-such-flag", "start"]})
+    assert got["worker"] > 0 and got["code"] == 2 and got["status"] == 2, got
+    assert (got["stdout"], got["stderr"]) == ("", f"{IDENTITY.binary_name}: {bad.value}\n")
 
 
 @root_only
-def test_a_daemon_serves_only_after_go(env):
+def test_a_worker_runs_nothing_without_go(env):
     env.start_zygote()
     bundle = env.bundle()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(os.path.join(env.dir, "shim.sock"))
-    listener.listen(4)
+    out_r, out_w = os.pipe()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.settimeout(10)
     conn.connect(env.path)
-    request = {"v": zygote.PROTOCOL, "flags": {"id": "nogo", "namespace": "unit"}, "bundle": bundle,
+    request = {"v": zygote_client.PROTOCOL, "argv": ["shim", "-namespace", "unit", "-id", "nogo", "start"], "cwd": bundle,
                "env": dict(os.environ)}
     conn.sendmsg([json.dumps(request).encode()],
-                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, listener.fileno().to_bytes(4, sys.byteorder))])
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, out_w, 2)))])
+    os.close(out_w)
     pid = json.loads(conn.recv(65536))["pid"]
     env.daemons.append(pid)
-    conn.close()  # a start that gave up: no "go"
-    _wait(lambda: _gone(pid), 15, "the daemon to give up")
-    listener.close()
+    conn.close()  # a command that gave up (and runs itself): no "go"
+    _wait(lambda: _gone(pid), 15, "the worker to give up")
+    assert os.read(out_r, 100) == b""  # it printed nothing, and let go of the pipe
+    os.close(out_r)
+    assert sorted(os.listdir(bundle)) == ["log"]  # no address: nothing of start ran
 
 
 @root_only
-def test_zygote_refuses_what_is_not_a_listening_socket(env):
+def test_zygote_refuses_what_it_does_not_run(env):
     env.start_zygote()
-    a, b = socket.socketpair()
-    try:
-        assert zygote.spawn_daemon(Flags(id="x"), a, "/", directory=env.dir) is None
-        assert "not a listening unix socket" in zygote.last_error
-    finally:
-        a.close()
-        b.close()
+    assert zygote_client.run_warm(["shim", "-id", "x", "delete"], directory=env.dir) is None
+    assert "not a command the zygote runs" in zygote_client.last_error
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(10)
+    conn.connect(env.path)
+    request = {"v": zygote_client.PROTOCOL, "argv": ["shim", "start"], "cwd": "/", "env": {}}
+    conn.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, (1).to_bytes(4, sys.byteorder))])
+    assert "expected three fds" in json.loads(conn.recv(65536))["error"]
+    conn.close()
 
 
 def test_stale_socket_file_falls_back_and_is_replaced(env):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(env.path)
     stale.close()  # a zygote killed with SIGKILL leaves this behind
-    a, b = socket.socketpair()
-    try:
-        started = time.perf_counter()
-        assert zygote.spawn_daemon(Flags(id="x"), a, "/", directory=env.dir) is None
-        assert time.perf_counter() - started < 0.5
-        assert "Connection refused" in zygote.last_error
-    finally:
-        a.close()
-        b.close()
+    started = time.perf_counter()
+    assert zygote_client.run_warm(["shim", "-id", "x", "start"], directory=env.dir) is None
+    assert time.perf_counter() - started < 0.5
+    assert "Connection refused" in zygote_client.last_error
     _wait(env.connectable, 30, "a new zygote to replace the stale socket")
 
 
 def test_unresponsive_zygote_falls_back(env, monkeypatch):
-    monkeypatch.setattr(zygote, "CLIENT_TIMEOUT", 0.3)
+    monkeypatch.setattr(zygote_client, "CLIENT_TIMEOUT", 0.3)
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     hung.bind(env.path)
     hung.listen(4)  # accepts into the backlog, never answers
-    a, b = socket.socketpair()
     try:
         started = time.perf_counter()
-        assert zygote.spawn_daemon(Flags(id="x"), a, "/", directory=env.dir) is None
+        assert zygote_client.run_warm(["shim", "-id", "x", "start"], directory=env.dir) is None
         assert time.perf_counter() - started < 2
-        assert "timed out" in zygote.last_error
+        assert "timed out" in zygote_client.last_error
     finally:
-        a.close()
-        b.close()
         hung.close()
     assert env.zygote_pids() == []
 
@@ -486,20 +511,21 @@ def test_sigterm_stops_the_zygote_not_its_daemons(env):
     zpid = env.start_zygote()
     bundle = env.bundle()
     log_reader = os.open(os.path.join(bundle, "log"), os.O_RDONLY | os.O_NONBLOCK)
-    address = os.path.join(env.dir, "shim.sock")
-    got = env.run_helper({"id": "survivor", "address": address, "bundle": bundle})
-    pid = got["pid"]
-    assert pid, got["error"]
+    task_id = f"survivor-{uuid.uuid4().hex[:6]}"
+    got = env.run_helper({"id": task_id, "cwd": bundle, "argv": [
+        "-namespace", "unit", "-address", os.path.join(env.dir, "containerd.sock"), "-id", task_id, "start"]})
+    assert got["code"] == 0, got
+    pid, address = got["worker"], got["stdout"]
     env.daemons.append(pid)
     os.kill(zpid, signal.SIGTERM)
     _wait(lambda: (_stat(zpid) or ["Z"])[0] == "Z", 10, "the zygote to exit")
     assert not os.path.exists(env.path)
 
     async def talk() -> int:
-        async with await Client.connect("unix://" + address) as client:
-            reply = await client.call("containerd.task.v3.Task", "Connect", task.ConnectRequest(id="survivor"),
+        async with await Client.connect(address) as client:
+            reply = await client.call("containerd.task.v3.Task", "Connect", task.ConnectRequest(id=task_id),
                                       task.ConnectResponse, timeout=10)
-            await client.call("containerd.task.v2.Task", "Shutdown", task.ShutdownRequest(id="survivor"), Empty,
+            await client.call("containerd.task.v2.Task", "Shutdown", task.ShutdownRequest(id=task_id), Empty,
                               timeout=10)
             return reply.shim_pid
 
