@@ -50,6 +50,7 @@ def test_filling_takes_the_holes_and_daemons_allocate_elsewhere():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     before, after, objects, chunks = map(int, out.splitlines()[0].split())
     assert objects > 0 and chunks > 0
-    # what is left: the tails of the pools the filling itself opened (one per size class)
-    assert after < before
+    # it took (nearly) every hole; what is left is mostly the tails of the pools the filling
+    # itself opened, one per size class (which can be more than a small heap had in holes)
+    assert objects >= 0.7 * before
     assert "pymalloc holes" in out.splitlines()[1]
