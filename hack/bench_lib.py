@@ -764,11 +764,12 @@ class Bench:
         return sorted(found)
 
     def zygote_pids(self, daemons: list[int]) -> list[int]:
-        """pyshim's zygotes serving this containerd: those whose socket is in its
-        PYSHIM_ZYGOTE_DIR (PrivateContainerd gives each containerd its own), and the parent
-        of any daemon that is a zygote. Each counts once, however many daemons share it."""
+        """pyshim's zygotes serving this containerd (and their spare workers, the next
+        daemons-to-be): those whose socket is in its PYSHIM_ZYGOTE_DIR (PrivateContainerd gives
+        each containerd its own), and the parent of any daemon that is a zygote. Each counts
+        once, however many daemons share it."""
         def is_zygote(cmd: list[str]) -> bool:
-            return bool(cmd) and cmd[0] == "pyshim-zygote"
+            return bool(cmd) and cmd[0] in ("pyshim-zygote", "pyshim-spare")
 
         directory = self.c.env().get("PYSHIM_ZYGOTE_DIR", "").rstrip("/") + "/"
         found = set()

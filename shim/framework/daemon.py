@@ -72,6 +72,16 @@ def _set_subreaper() -> None:
         log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
 
 
+#: The event loop a zygote's spare worker made while it waited (prepare_loop), for serve.
+_prepared_loop: asyncio.AbstractEventLoop | None = None
+
+
+def prepare_loop() -> None:
+    """Make the event loop the daemon will serve on now, before there is a daemon to be."""
+    global _prepared_loop
+    _prepared_loop = asyncio.new_event_loop()
+
+
 def serve(flags, listener) -> int:
     if not isinstance(listener, socket.socket):
         # start's bare _socket.socket (when it forks the daemon itself): asyncio needs the
@@ -83,8 +93,11 @@ def serve(flags, listener) -> int:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if flags.debug else logging.INFO)
     _set_subreaper()
+    global _prepared_loop
+    prepared, _prepared_loop = _prepared_loop, None
     try:
-        asyncio.run(_serve(flags, listener))
+        with asyncio.Runner(loop_factory=(lambda: prepared) if prepared is not None else None) as runner:
+            runner.run(_serve(flags, listener))
     except Exception:
         log.exception("shim daemon failed")
         return 1

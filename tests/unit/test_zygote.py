@@ -97,6 +97,10 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or ["", "0"])[1] == str(pid)]
+
+
 def _gone(pid: int) -> bool:
     """Exited and reaped (a zombie is not gone)."""
     return _stat(pid) is None
@@ -275,6 +279,9 @@ def test_start_in_a_worker_is_the_start_command_and_then_its_daemon(env):
         task_id = f"z-{uuid.uuid4().hex[:8]}"
         containerd = os.path.join(env.dir, "containerd.sock")
         start_env = {**env.env, "TTRPC_ADDRESS": os.path.join(env.dir, "nobody.ttrpc"), "START_MARK": task_id}
+        _wait(lambda: len(_children(zpid)) == 1, 10, "the zygote's spare worker")
+        (spare,) = _children(zpid)
+        assert _proc_cmdline(spare) == ["pyshim-spare", env.path]
         started = time.perf_counter()
         got = env.run_helper({"id": task_id, "cwd": bundle, "settings": True,
                               "argv": ["-namespace", "unit", "-address", containerd, "-id", task_id, "start"],
@@ -283,6 +290,7 @@ def test_start_in_a_worker_is_the_start_command_and_then_its_daemon(env):
         assert (got["code"], got["status"], got["stderr"]) == (0, 0, ""), got
         pid = got["worker"]
         env.daemons.append(pid)
+        assert pid == spare  # forked ahead, it only had to take the request
         assert took < 5
         # what start prints and records, and containerd reads its output to EOF although the daemon runs on
         assert got["stdout"] == socket_address(containerd, "unit", task_id)
@@ -336,7 +344,7 @@ def test_start_in_a_worker_is_the_start_command_and_then_its_daemon(env):
         assert not os.path.exists(address.removeprefix("unix://"))
         os.close(log_reader)
         assert env.zygote_pids() == [zpid]
-        assert not [p for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or ["", "0"])[1] == str(zpid)]
+        assert [_proc_cmdline(p)[0] for p in _children(zpid)] == ["pyshim-spare"]  # the next command's worker
     finally:
         _remove_cgroups(cgroups)
         if address:
@@ -420,9 +428,11 @@ def test_unresponsive_zygote_falls_back(env, monkeypatch):
     assert env.zygote_pids() == []
 
 
-def test_zygote_exits_when_idle(env):
-    pid = env.start_zygote({**env.env, "PYSHIM_ZYGOTE_IDLE": "0.5"})
+def test_zygote_exits_when_idle_and_so_does_its_spare(env):
+    pid = env.start_zygote({**env.env, "PYSHIM_ZYGOTE_IDLE": "1"})
+    spares = _children(pid)
     _wait(lambda: (_stat(pid) or ["Z"])[0] == "Z", 10, "the idle zygote to exit")
+    _wait(lambda: all(_gone(s) or (_stat(s) or ["Z"])[0] == "Z" for s in spares), 10, "its spare to exit")
     assert not os.path.exists(env.path)
     lock = os.open(env.path + ".lock", os.O_RDWR)
     try:
