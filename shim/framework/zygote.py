@@ -34,8 +34,12 @@ The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root> <identit
   then copy fewer pages), then binds its socket (mode 0600, dir 0700) and holds the flock for
   its whole life, so at most one zygote per installation is alive or starting;
 * a plain blocking accept loop, no asyncio loop ever runs in it, no threads; it answers one
-  request at a time (a fork, ~1-2 ms here) and reaps its workers on SIGCHLD, so no zombie
-  stays behind; a daemon outliving the zygote is reparented like a start-forked one;
+  request at a time and reaps its workers on SIGCHLD, so no zombie stays behind; a daemon
+  outliving the zygote is reparented like a start-forked one;
+* it keeps one worker forked ahead (the spare, `pyshim-spare` in ps): it has let go of the
+  zygote's fds and made the event loop its daemon would serve on, and takes the next request
+  over a socketpair, so a command waits for neither a fork nor a loop. A new spare is forked
+  after each request; the spare exits with its zygote;
 * it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
   ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600), on SIGTERM (removing its
   socket) or when its socket file is no longer its own, and appends a small best-effort log
