@@ -70,6 +70,19 @@ def task_pids(e2e) -> dict[str, tuple[int, str]]:
     return {f[0]: (int(f[1]), f[2]) for f in rows if len(f) >= 3}
 
 
+def stop_tracer(tracer: subprocess.Popen) -> tuple[str, str]:
+    """SIGINT ends `pyshim trace`, also when this suite runs with SIGINT ignored (a background
+    job inherits that); a tracer that outlives it is killed and reaped, so that no later test
+    finds it (or its zombie) among pytest's children."""
+    tracer.send_signal(signal.SIGINT)
+    try:
+        return tracer.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        tracer.kill()
+        tracer.communicate()
+        raise
+
+
 def remove(e2e, cid: str) -> None:
     if task_pids(e2e).get(cid, (0, ""))[1] in ("RUNNING", "PAUSED"):
         e2e.ctr("task", "kill", "-s", "SIGKILL", cid)
@@ -124,8 +137,7 @@ def test_trace_records_an_exec(e2e):
         assert r.returncode == 3, r
     finally:
         time.sleep(0.5)  # the exec's delete and last events
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=10)
+        out, err = stop_tracer(tracer)
     assert tracer.returncode == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert all(r["id"] == cid for r in records if r.get("id")), records
@@ -267,8 +279,7 @@ def test_state_answers_while_tracing_and_20_execs_run(e2e):
                     latencies += asyncio.run(_state_calls(daemon["socket"], cid, 8, 1))
             assert [f.result() for f in execs] == [0] * 20
     finally:
-        tracer.send_signal(signal.SIGINT)
-        out, _ = tracer.communicate(timeout=10)
+        out, _ = stop_tracer(tracer)
     assert out.count("/Exec ") >= 20, out[-2000:]
     if latencies:
         # Reported, not asserted tightly (shared machines are noisy): the figure is in the

@@ -385,3 +385,26 @@ async def test_trace_prints_the_records_of_its_container_until_the_daemon_goes(s
     assert "exit" in line and "id=web pid=4242 status=137" in line
     assert "tracing container web" in captured.err
     assert "closed the trace" in captured.err
+
+
+def test_trace_stops_on_sigint_even_when_started_with_sigint_ignored():
+    # A shell's background job (and what it starts) has SIGINT ignored, and Python then installs
+    # no handler of its own: `pyshim trace` must still end on SIGINT, and on SIGTERM.
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts\n"
+        "from shim.framework.debug.cli import _stop_on_interrupt_and_term\n"
+        "_stop_on_interrupt_and_term()\n"
+        "for signum in (signal.SIGINT, signal.SIGTERM):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signum)\n"
+        "        signal.pause()\n"
+        "    except KeyboardInterrupt:\n"
+        "        print(signum)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=10)
+    assert done.stdout.split() == [str(int(signal.SIGINT)), str(int(signal.SIGTERM))], done.stderr

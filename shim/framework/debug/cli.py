@@ -343,7 +343,23 @@ def format_record(daemon_pid: int, record: dict) -> str:
     return f"{stamp} [{daemon_pid}] {kind:<7} {text}"
 
 
+def _stop_on_interrupt_and_term() -> None:
+    """A trace runs until SIGINT or SIGTERM, even where it was started with SIGINT ignored (a
+    shell's background job, or anything such a shell started: Python then installs no handler)."""
+    import signal
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, stop)
+        except ValueError:  # not the main thread (run from a program, as the tests do)
+            return
+
+
 def cmd_trace(args) -> int:
+    _stop_on_interrupt_and_term()
     if args.id:
         targets = [find_daemon(args.debug_dir, args.id, args.namespace)]
     else:
