@@ -12,7 +12,7 @@ be imported on the `start` path without pulling in asyncio and the protobuf runt
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 _EXPORTS = {
     "Client": "client",
@@ -30,6 +30,9 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    # __import__, not importlib.import_module: `delete` imports this package (for .wire), and
+    # importlib with warnings costs it ~0.5 ms.
+    __import__(f"{__name__}.{module}")
+    value = getattr(sys.modules[f"{__name__}.{module}"], name)
     globals()[name] = value
     return value
