@@ -367,6 +367,37 @@ def test_a_bad_command_line_fails_in_the_worker_as_in_the_binary(env):
 
 
 @root_only
+def test_a_dead_spare_costs_a_fork_not_the_start(env):
+    from shim.framework.start import socket_address
+
+    zpid = env.start_zygote()
+    _wait(lambda: len(_children(zpid)) == 1, 10, "the zygote's spare worker")
+    (spare,) = _children(zpid)
+    os.kill(spare, signal.SIGKILL)
+    _wait(lambda: spare not in _children(zpid), 10, "the killed spare to be reaped")
+    bundle = env.bundle()
+    log_reader = os.open(os.path.join(bundle, "log"), os.O_RDONLY | os.O_NONBLOCK)
+    task_id = f"nospare-{uuid.uuid4().hex[:6]}"
+    containerd = os.path.join(env.dir, "containerd.sock")
+    got = env.run_helper({"id": task_id, "cwd": bundle,
+                          "argv": ["-namespace", "unit", "-address", containerd, "-id", task_id, "start"]})
+    address = socket_address(containerd, "unit", task_id)
+    try:
+        assert (got["code"], got["stdout"]) == (0, address), got
+        assert got["worker"] not in (0, spare)
+        env.daemons.append(got["worker"])
+        with open(env.path + ".lock") as f:
+            assert "is gone" in f.read()  # the zygote says why it forked on the spot
+        _wait(lambda: len(_children(zpid)) == 2, 10, "a new spare beside the daemon")
+    finally:
+        os.close(log_reader)
+        try:
+            os.unlink(address.removeprefix("unix://"))
+        except FileNotFoundError:
+            pass
+
+
+@root_only
 def test_a_worker_runs_nothing_without_go(env):
     env.start_zygote()
     bundle = env.bundle()
