@@ -5,10 +5,12 @@ print only the address, and make sure the daemon holds none of our output fds. T
 bound and listening before we exit (containerd dials at once; the connection waits in the
 backlog while the daemon finishes importing).
 
-The daemon is forked, not exec'd as the Go shim does, so that no container pays for a
-second interpreter: preferably by the warm zygote (shim/framework/zygote.py), which has imported
-everything the daemon needs, else by this process once the socket is bound (the first start
-of an installation, or PYSHIM_ZYGOTE=0).
+Usually this runs in a warm fork of the zygote (shim/framework/zygote.py), which has imported
+everything: the command process only handed it its arguments, environment and stdio
+(shim/framework/zygote_client.py), and the fork becomes the daemon itself once its output is
+out (`warm`). Otherwise (the first start of an installation, or PYSHIM_ZYGOTE=0) this process
+forks the daemon once the socket is bound; never exec'd as the Go shim does, so that no
+container pays for a second interpreter.
 """
 
 from __future__ import annotations
