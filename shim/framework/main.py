@@ -38,20 +38,22 @@ def run(identity: RuntimeIdentity, argv: list[str] | None = None, *, warm=None) 
     """
     install(identity)
     words = sys.argv[1:] if argv is None else argv
-    if warm is None and words and words[-1] == "start":  # zygote_client.WARM_ACTIONS
+    action = words[-1] if words else ""
+    code = None
+    if warm is None and action == "start":  # zygote_client.WARM_ACTIONS
         from shim.framework.zygote_client import run_warm
 
         code = run_warm([sys.argv[0], *words])
-        if code is None:
-            code = _run(identity, words, warm)
-        if argv is None:  # the binary itself: containerd waits for its exit, skip the teardown
-            import os
+    if code is None:
+        code = _run(identity, words, warm)
+    if argv is None and action in ("start", "delete"):
+        # The binary itself, run by containerd, which waits for its exit: skip the teardown.
+        import os
 
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
-    return _run(identity, words, warm)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(identity: RuntimeIdentity, words: list[str], warm) -> int:
