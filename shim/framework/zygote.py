@@ -61,7 +61,7 @@ import sys
 
 from shim import __version__
 from shim.framework.zygote_client import (
-    _PAD_VAR, GO_TIMEOUT, MAX_MESSAGE, PROTOCOL, REQUEST_TIMEOUT, WARM_ACTIONS, _identity_argument, _sha256,
+    _PAD_VAR, GO_TIMEOUT, MAX_MESSAGE, PROTOCOL, REQUEST_TIMEOUT, WARM_ACTIONS, _sha256, hash_names,
 )
 
 #: Seconds without a request after which the zygote exits (env PYSHIM_ZYGOTE_IDLE).
@@ -81,10 +81,7 @@ def installation_key() -> str:
 
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # shim/, apps included
     h = _sha256()
-    for part in (sys.executable, package, __version__, str(os.getuid()), _identity_argument()):
-        h.update(os.fsencode(part) + b"\0")
-    for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
-        h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
+    hash_names(h)  # what names the zygote's socket
     stdlib = os.path.dirname(os.__file__)
     try:
         sites = [*site.getsitepackages(), site.getusersitepackages()]

@@ -66,13 +66,18 @@ def _name_key() -> str:
     interpreter, the package directory and version, uid, the binary's identity and the
     PYTHON* environment. The zygote itself checks the rest of `installation_key` (the files)
     at every request and retires when they changed."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = _sha256()
+    hash_names(h)
+    return h.hexdigest()
+
+
+def hash_names(h) -> None:
+    """Feed `h` what `_name_key` covers (installation_key starts with the same)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for part in (sys.executable, package, __version__, str(os.getuid()), _identity_argument()):
         h.update(os.fsencode(part) + b"\0")
     for name in sorted(k for k in os.environ if k.startswith("PYTHON") and k != _PAD_VAR):
         h.update(os.fsencode(f"{name}={os.environ[name]}") + b"\0")
-    return h.hexdigest()
 
 
 def socket_path(directory: str | None = None) -> str:

@@ -192,7 +192,7 @@ def test_disabled_by_environment(env, monkeypatch):
 def test_installation_key_follows_version_and_python_environment(monkeypatch):
     key = zygote.installation_key()
     assert key == zygote.installation_key()
-    monkeypatch.setattr(zygote, "__version__", "0.0.0-other")
+    monkeypatch.setattr(zygote_client, "__version__", "0.0.0-other")  # the name part of the key
     assert zygote.installation_key() != key
     monkeypatch.undo()
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
