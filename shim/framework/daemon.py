@@ -53,7 +53,11 @@ class FifoLogHandler(logging.Handler):
         if self._fd < 0:
             return
         try:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            # RFC 3339 with nanoseconds, as the Go shims' lines in containerd's log have it:
+            # whole seconds cannot order a shim's lines against containerd's own.
+            seconds = int(record.created)
+            nanos = int((record.created - seconds) * 1e9)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}"
             message = record.getMessage().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             if record.exc_info:
                 message += " " + self.formatException(record.exc_info).replace("\n", " | ")

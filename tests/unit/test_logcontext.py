@@ -40,3 +40,14 @@ def test_lines_name_the_task_being_served(tmp_path):
     ids = [line.rsplit(" id=", 1)[1] for line in path.read_text().splitlines()]
     assert ids == ["first", "second", "third"]
     assert 'runtime=io.containerd.pyshim.v2' in path.read_text()
+
+
+def test_lines_have_nanosecond_times_like_the_go_shims(tmp_path):
+    """containerd's log orders a shim's lines against its own by these times."""
+    import re
+
+    path = tmp_path / "log"
+    path.write_text("")
+    handler = FifoLogHandler(str(path), "c1", "ns")
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None))
+    assert re.match(r'time="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z" level=info msg="hello" ', path.read_text())
