@@ -131,7 +131,8 @@ class Env:
                 cmd = _proc_cmdline(int(name))
                 if cmd[:2] == ["pyshim-zygote", self.path]:
                     pids.append(int(name))
-        return pids
+        # a spare that was just forked still shows its zygote's command line for a moment
+        return [pid for pid in pids if int((_stat(pid) or ["Z", "0"])[1]) not in pids]
 
     def run_helper(self, args: dict, env: dict | None = None) -> dict:
         args = {"dir": self.dir, "report": os.path.join(self.dir, f"report-{uuid.uuid4().hex[:6]}"), **args}
@@ -333,6 +334,11 @@ def test_start_in_a_worker_is_the_start_command_and_then_its_daemon(env):
             assert [line.split()[3] for line in f if line.startswith("Max open files")] == ["4321"]
         with open(f"/proc/{pid}/oom_score_adj") as f:
             assert f.read().strip() == "501"  # one above the command's parent's (containerd's), as start sets it
+        if os.path.isdir("/sys/kernel/mm/ksm"):  # the zygote's memory, offered to KSM, and so the daemon's
+            with open(f"/proc/{pid}/smaps") as f:
+                lines = f.read().splitlines()
+            heap = next(i for i, line in enumerate(lines) if line.endswith("[heap]"))
+            assert "mg" in next(line for line in lines[heap:] if line.startswith("VmFlags:")).split()
 
         async def shutdown() -> None:
             async with await Client.connect(address) as client:
