@@ -211,6 +211,10 @@ async def _serve(flags, listener: socket.socket) -> None:
     log.debug("serving %s on %s", type(server).__name__, socket_path)
     debug = await _start_debug_server(flags, service, server, socket_path)
     loop.add_signal_handler(signal.SIGUSR1, _dump_stacks)
+    from shim.framework import ksm
+
+    if not ksm.offered:  # not forked from a zygote, which marked what we inherited
+        loop.call_later(ksm.LATE_OFFER_DELAY, ksm.offer_to_ksm)
     try:
         async with asyncio.TaskGroup() as tasks:
             # Named for `pyshim stacks`.

@@ -31,8 +31,9 @@ The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root> <identit
 
 * imports what the daemon and `start` import, warms betterproto2's per-class
   metadata, `gc.freeze()`s, fills its allocators' holes (shim/framework/forkheap.py: daemons
-  then copy fewer pages), then binds its socket (mode 0600, dir 0700) and holds the flock for
-  its whole life, so at most one zygote per installation is alive or starting;
+  then copy fewer pages), offers its memory to KSM (shim/framework/ksm.py), then binds its
+  socket (mode 0600, dir 0700) and holds the flock for its whole life, so at most one zygote
+  per installation is alive or starting;
 * a plain blocking accept loop, no asyncio loop ever runs in it, no threads; it answers one
   request at a time and reaps its workers on SIGCHLD, so no zombie stays behind; a daemon
   outliving the zygote is reparented like a start-forked one;
@@ -870,6 +871,10 @@ def main(args: list[str]) -> int:
     # After the freeze: what the daemons will allocate goes to fresh pages, not into our
     # holes (the filler lives as long as this frame: the zygote's whole life).
     filled = fill_holes()
+    from shim.framework.ksm import offer_to_ksm
+
+    # Last, so that the heap and arenas the daemons will inherit are all in the mappings marked.
+    offered = offer_to_ksm()
     try:
         idle = float(os.environ.get("PYSHIM_ZYGOTE_IDLE", DEFAULT_IDLE))
     except ValueError:
@@ -887,6 +892,7 @@ def main(args: list[str]) -> int:
     zygote.note_signals()
     zygote.bind()
     zygote.log(f"serving {path} (pyshim {__version__}, {sys.executable}); ready in "
-               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {warmed} message classes warmed, filled {filled}, idle exit "
+               f"{(time.perf_counter() - t0) * 1000:.0f} ms, {warmed} message classes warmed, filled {filled}, "
+               f"{offered >> 20} MiB offered to KSM, idle exit "
                f"after {idle:g} s" + (f"; not importable: {', '.join(missing)}" if missing else ""))
     return zygote.run()

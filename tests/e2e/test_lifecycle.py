@@ -178,6 +178,39 @@ def test_detached_then_ls_kill_rm(e2e):
     assert task_status(e2e, cid) == ""
 
 
+def _mergeable_mappings(pid: int) -> list[str]:
+    """The names of pid's mappings marked for KSM ("mg" in smaps' VmFlags)."""
+    marked, name = [], ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line.startswith("VmFlags:"):
+            if "mg" in line.split()[1:]:
+                marked.append(name)
+        elif re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            name = line.split(None, 5)[5].strip() if len(line.split(None, 5)) > 5 else "[anon]"
+    return marked
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/ksm"), reason="this kernel has no KSM")
+def test_daemon_memory_is_offered_to_ksm_the_container_is_not(e2e):
+    """shim/framework/ksm.py: the daemon inherits the zygote's marks; the container, exec'd
+    through runc, starts with none (its memory is never merged with anything)."""
+    cid = e2e.new_id()
+    e2e.ctr("run", "-d", *e2e.runtime(PYSHIM), e2e.image, cid, "sleep", "600", check=True)
+    try:
+        line = next(l for l in e2e.ctr("task", "ls", check=True).stdout.splitlines() if l.split()[:1] == [cid])
+        container_pid = int(line.split()[1])
+        daemon = next(pid for pid in pyshim_daemons(e2e)
+                      if any(cid in part for part in Path(f"/proc/{pid}/cmdline").read_text().split("\0")))
+        # a daemon forked from the zygote has them at once; the first one, started without, soon
+        wait_until(lambda: "[heap]" in _mergeable_mappings(daemon), timeout=15, what="the daemon's heap marked")
+        assert _mergeable_mappings(container_pid) == []
+    finally:
+        e2e.ctr("task", "kill", "-s", "SIGKILL", cid)
+        _wait_stopped(e2e, cid)
+        e2e.ctr("task", "rm", cid, check=True)
+        e2e.ctr("container", "rm", cid, check=True)
+
+
 def test_events_in_order(e2e):
     watcher = popen_ctr(e2e, "events", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
