@@ -29,7 +29,10 @@ fresh namespace, then:
    in a namespace of their own, started 8 at a time; once all are RUNNING and settled, the
    smaps_rollup of every shim process of each runtime is summed and divided by K: every
    containerd-shim-runc-v2 of that namespace; every pyshim daemon plus the zygote they were
-   forked from (counted once: its pages are what the daemons share).
+   forked from (counted once: its pages are what the daemons share). With --ksm, the node's
+   KSM is on (ksmd at the kernel's scan rate) while 2d and 2e run, and they are measured once
+   ksmd has merged what it will (shim/framework/ksm.py: pyshim offers its daemons' memory;
+   the Go shim offers none); the setting is put back afterwards.
 2e. dense mode (--dense N, 0 to skip): --dense-containers M pyshim containers with the
    runtime options `ContainersPerDaemon = N` (so ceil(M/N) daemons), next to M through
    runc-v2 (2d's figures when M = K); the same sums per container, against the target of
@@ -845,13 +848,20 @@ class Bench:
         measure each runtime's shims; removes them all again (also on error and Ctrl-C)."""
         ns = self.scale_namespace(step)
         ids = [cid for _rt, cid, _flags in runs]
+        ksm = KsmSwitch() if self.args.ksm else None
         try:
+            if ksm is not None:
+                ksm.turn_on()
             t = time.perf_counter()
             self.start_sleepers(ns, runs)
             self.wait_running(ns, ids, timeout=60 + len(ids))
             progress(f"{step}: {len(ids)} containers RUNNING after "
                      f"{time.perf_counter() - t:.1f} s; settling {self.args.settle:g} s")
             time.sleep(self.args.settle)  # let every shim go idle (lazy work, GC, page faults)
+            merged = None
+            if ksm is not None:
+                progress(f"{step}: waiting for ksmd to merge what it will")
+                merged = ksm.wait_merged()
             self.wait_running(ns, ids, timeout=10)  # none died while settling
             counts: dict[str, int] = {}
             for rt, _cid, _flags in runs:
@@ -860,10 +870,14 @@ class Bench:
             if PYSHIM in out:
                 out[PYSHIM]["per_daemon"] = self.containers_per_daemon(
                     ns, [cid for rt, cid, _f in runs if rt == PYSHIM])
+            if merged is not None:
+                out["ksm"] = merged
             return out
         finally:
             progress(f"{step}: killing and removing the {len(ids)} containers")
             self.remove_sleepers(ns, ids)
+            if ksm is not None:
+                ksm.restore()
 
     def containers_per_daemon(self, ns: str, ids: list[str]) -> list[int]:
         """How many of ids each pyshim daemon serves (by the address in their bundles: dense
@@ -1533,6 +1547,48 @@ def dense_mb(m: dict) -> float:
     return m["pss"] * 1024 / 1e6 / m["containers"]
 
 
+class KsmSwitch:
+    """The node's kernel same-page merging, on for a measurement and back as it was."""
+
+    DIR = Path("/sys/kernel/mm/ksm")
+
+    def __init__(self) -> None:
+        if not (self.DIR / "run").exists():
+            raise BenchError("--ksm: this kernel has no KSM (/sys/kernel/mm/ksm)")
+        self.was = ""
+
+    def read(self, name: str) -> int:
+        return int((self.DIR / name).read_text())
+
+    def turn_on(self) -> None:
+        self.was = (self.DIR / "run").read_text().strip()
+        if self.was != "1":
+            (self.DIR / "run").write_text("1")
+
+    def restore(self) -> None:
+        if self.was and self.was != "1":
+            (self.DIR / "run").write_text(self.was)
+
+    def wait_merged(self, timeout: float = 300.0) -> dict:
+        """Until pages_sharing moved by under 1% over a whole scan (at least 3 scans after
+        now: a page is merged on the scan after the one that saw it unchanged)."""
+        t0 = time.monotonic()
+        first = self.read("full_scans")
+        last_scan, last_sharing, settled = first, self.read("pages_sharing"), False
+        while time.monotonic() - t0 < timeout:
+            time.sleep(1.0)
+            scans, sharing = self.read("full_scans"), self.read("pages_sharing")
+            if scans == last_scan:
+                continue
+            if scans - first >= 3 and abs(sharing - last_sharing) <= max(16, last_sharing // 100):
+                settled = True
+                break
+            last_scan, last_sharing = scans, sharing
+        return {"waited_s": time.monotonic() - t0, "full_scans": self.read("full_scans") - first,
+                "pages_sharing": self.read("pages_sharing"), "settled": settled,
+                "pages_to_scan": self.read("pages_to_scan"), "sleep_ms": self.read("sleep_millisecs")}
+
+
 def scale_report(res: dict, settle: float) -> list[str]:
     """The table and notes of 2d or 2e (res: runtime -> shim_memory())."""
     out = []
@@ -1572,6 +1628,12 @@ def scale_report(res: dict, settle: float) -> list[str]:
           f"{mib(origin['copied']):.2f} in pages it shared with the zygote and wrote since "
           f"the fork ({top(origin['copied_by_mapping'])}), {mib(origin['new']):.2f} in "
           f"memory mapped since ({top(origin['new_by_mapping'])})")
+    k = res.get("ksm")
+    if k:
+        w(f"  KSM on (ksmd: {k['pages_to_scan']} pages every {k['sleep_ms']} ms): measured "
+          f"{k['waited_s']:.0f} s later still, after {k['full_scans']} full scans; "
+          f"{mib(k['pages_sharing'] * 4):.1f} MiB merged away node-wide"
+          + ("" if k["settled"] else " (not settled: the wait timed out)"))
     w(f"  (measured {settle:g} s after all were RUNNING; Pss shares each page among every "
       "process mapping it, also those outside the sum: libc, another Python's libpython)")
     return out
@@ -1799,6 +1861,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds the idle shims get before they are measured (2)")
     ap.add_argument("--scale", type=int, default=20, metavar="K",
                     help="memory at scale: containers per runtime alive at once, 0 to skip (20)")
+    ap.add_argument("--ksm", action="store_true",
+                    help="memory at scale and dense mode with the node's KSM on (ksmd at the "
+                         "kernel's scan rate), measured once it has merged; restored after")
     ap.add_argument("--dense", type=int, default=0, metavar="N",
                     help="dense mode: ContainersPerDaemon for pyshim, 0 to skip (0)")
     ap.add_argument("--dense-containers", type=int, default=100, metavar="M",
@@ -1987,6 +2052,7 @@ def summary(info: dict, lc: dict, mem: dict, sc: dict, prof: dict | None,
         out[f"{key}_zygote_pss_mib"] = r2(mib(p["zygotes_pss"]))
     if scale:
         out["scale_containers"] = scale[PYSHIM]["containers"]
+    out["ksm"] = bool((scale or {}).get("ksm") or (dense or {}).get("ksm"))
     if dense:
         out["dense_containers"] = dense["containers"]
         out["dense_per_daemon"] = dense["per_daemon"]
