@@ -44,6 +44,11 @@ def run(identity: RuntimeIdentity, argv: list[str] | None = None, *, warm=None) 
         from shim.framework.zygote_client import run_warm
 
         code = run_warm([sys.argv[0], *words])
+    elif action == "delete":
+        from shim.framework.delete_record import answer
+
+        if answer(words):  # the daemon has done all of it (the binary's script checks first)
+            code = 0
     if code is None:
         code = _run(identity, words, warm)
     if argv is None and action in ("start", "delete"):

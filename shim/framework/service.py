@@ -35,6 +35,7 @@ from shim.api.containerd.task import v2 as task
 from shim.api.containerd.types import Mount
 from shim.api.google.protobuf import Any, Empty
 from shim.framework.container import Container, ContainerRegistry
+from shim.framework import delete_record
 from shim.framework.debug.trace import TRACER
 from shim.framework.dense import bundle_identity
 from shim.framework.exits import ExitRouter
@@ -565,8 +566,13 @@ class TaskService:
                 exited_at=process.exit_time(),
             ),
         )
+        response = task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
+        try:  # all the `delete` command would do is done: it only has to print this
+            delete_record.write(container.bundle, bytes(response))
+        except OSError as exc:
+            log.warning("%s: cannot record the delete for the delete command: %s", container.id, exc)
         self._notify(container, "deleted", None)
-        return task.DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exit_time())
+        return response
 
     async def exec(self, req: task.ExecProcessRequest, ctx) -> Empty:
         import json

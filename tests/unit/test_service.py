@@ -525,6 +525,8 @@ async def test_init_exit_during_create_is_not_lost(h):
     assert (err.value.code, err.value.message) == (Code.UNKNOWN, "cannot start a stopped process")
     deleted = await h.delete("c1")
     assert (deleted.pid, deleted.exit_status) == (resp.pid, 4)
+    # what the `delete` command will print (shim/framework/delete_record.py)
+    assert (h.tmp_path / "c1" / "deleted.pb").read_bytes() == bytes(deleted)
 
 
 async def test_exec_exit_before_runc_exec_returns_is_published_after_exec_started(h):
@@ -967,6 +969,7 @@ async def test_delete_running_process(h):
     await expect_error(h.delete("c1", "e1"), Code.UNKNOWN, "cannot delete a running process")
     assert not any(c[0] == "delete" for c in h.runtimes["c1"].calls)
     assert "c1" in h.service.containers
+    assert not (h.tmp_path / "c1" / "deleted.pb").exists()  # the command must still clean up
 
 
 async def test_kill_exited_process(h):
