@@ -364,7 +364,9 @@ pyshim_private_deps() {
 
 pyshim_venv() {
     local stamp="$PYSHIM_VENV/.pyshim-stamp" want
-    want="$( (cat "$PYSHIM_ROOT/pyproject.toml" /usr/bin/python3; echo editable_mode=compat) 2>/dev/null \
+    # the script too: pip copies it into the venv, where an edit of ours would not show
+    want="$( (cat "$PYSHIM_ROOT/pyproject.toml" "$PYSHIM_ROOT/shim/scripts/containerd-shim-pyshim-v2" \
+        /usr/bin/python3; echo editable_mode=compat) 2>/dev/null \
         | sha256sum | cut -d' ' -f1)"
     if [ -x "$PYSHIM_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
         && [ -x "$PYSHIM_VENV/bin/containerd-shim-pyshim-v2" ]; then
