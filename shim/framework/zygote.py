@@ -15,9 +15,9 @@ The exchange on the zygote's unix socket (SOCK_SEQPACKET, one JSON message each 
 
 * command -> zygote: {"v", "argv", "cwd", "env"} with fds 0, 1 and 2 as SCM_RIGHTS;
 * zygote: the peer must have our uid (SO_PEERCRED) and our namespaces, credentials,
-  capabilities, seccomp and LSM label; then fork. While the worker runs, the zygote checks
-  that the installation's files are still the ones it loaded; when they are not, it retires
-  (the next command starts a new zygote);
+  capabilities, seccomp and LSM label; then fork. Once the machine is quiet again, the
+  zygote checks that the installation's files are still the ones it loaded; when they are
+  not, it retires (the next command starts a new zygote);
 * worker -> command: {"pid"} once it has taken on the command's cgroups and settings, or
   {"error"} (the command runs itself: nothing ran here);
 * command -> worker: "go" (a command that gave up waiting runs itself, and the worker, seeing
@@ -40,7 +40,8 @@ The zygote (`main`, run as ``python -P -c ... <socket> <lock fd> <root> <identit
 * it keeps one worker forked ahead (the spare, `pyshim-spare` in ps): it has let go of the
   zygote's fds and made the event loop its daemon would serve on, and takes the next request
   over a socketpair, so a command waits for neither a fork nor a loop. A new spare is forked
-  after each request; the spare exits with its zygote;
+  once no request came for QUIET_DELAY after the last (the container just started is being
+  created then), or at once when one is waiting; the spare exits with its zygote;
 * it ignores SIGHUP/SIGPIPE/SIGINT, survives containerd restarts, exits after
   ``PYSHIM_ZYGOTE_IDLE`` seconds without requests (default 600), on SIGTERM (removing its
   socket) or when its socket file is no longer its own, and appends a small best-effort log
@@ -69,6 +70,11 @@ from shim.framework.zygote_client import (
 DEFAULT_IDLE = 600.0
 #: How often an idle zygote checks that its socket file is still its own.
 CHECK_INTERVAL = 5.0
+#: After a request, how long the zygote waits for a quiet moment before it forks the next
+#: spare and checks the installation's files (~3 ms of CPU): the container that was just
+#: started is creating meanwhile (runc create, ~40 ms to the first exit here), and on a small
+#: machine that work would wait for ours. A request arriving meanwhile gets a spare at once.
+QUIET_DELAY = 0.2
 
 
 def installation_key() -> str:
@@ -260,6 +266,7 @@ class Zygote:
         self.log_keep = 0
         self.me = _identity(os.getpid(), _status(os.getpid()))
         self.key = installation_key()  # a request finding other files retires this zygote
+        self.key_checked = 0.0
         self.ignored: set[int] = set()
         self.blocked = False
         self.fd_ceiling = _fd_ceiling()
@@ -347,8 +354,32 @@ class Zygote:
                 continue
             last = self._time.monotonic()
             self.serve_one(conn)
-            if self.spare is None and not (self.stopping or self.stale):
+            if self.spare is not None:
+                continue
+            busy = self.next_request_within(QUIET_DELAY)
+            if not busy or last - self.key_checked > CHECK_INTERVAL:
+                self.check_installation()
+            if not (self.stopping or self.stale):
                 self.fork_spare()
+
+    def next_request_within(self, seconds: float) -> bool:
+        """Whether a command is waiting at our socket, or one comes within `seconds`."""
+        import select
+
+        assert self.server is not None
+        try:
+            readable, _, _ = select.select([self.server], [], [], seconds)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def check_installation(self) -> None:
+        """Retire after this request when the installation's files are no longer the ones
+        we loaded (the stat of every file: ~0.7 ms): the next command starts a new zygote."""
+        self.key_checked = self._time.monotonic()
+        if installation_key() != self.key:
+            self.log("the installation's files changed since this zygote started: retiring")
+            self.stale = True
 
     def retire(self, why: str, drain: bool = True) -> None:
         """Stop taking requests: unlink the socket, then answer what is already queued (or
@@ -434,11 +465,6 @@ class Zygote:
             pid = os.fork()
             if pid == 0:
                 self.become_worker(conn, fds, request, status, settings, cgroups)  # never returns
-        # Checked while the worker runs, off the command's path (the stat of every file: ~0.7 ms):
-        # one command more on the old files, then the next one starts a new zygote.
-        if installation_key() != self.key:
-            self.log("the installation's files changed since this zygote started: retiring")
-            self.stale = True
         return pid
 
     def reap(self, *_: object) -> None:
