@@ -580,3 +580,28 @@ def test_sigterm_stops_the_zygote_not_its_daemons(env):
     assert asyncio.run(talk()) == pid
     _wait(lambda: _gone(pid), 15, "the orphaned daemon to exit and be reaped")
     os.close(log_reader)
+
+
+def test_after_a_request_the_zygote_waits_for_a_quiet_moment(tmp_path):
+    """What run() does between requests: a pending command means busy (fork the spare at once);
+    a changed installation is noticed when it checks."""
+    z = zygote.Zygote(str(tmp_path / "z.sock"), -1, 60.0)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(z.path)
+    server.listen(4)
+    z.server = server
+    try:
+        started = time.monotonic()
+        assert not z.next_request_within(0.05)
+        assert time.monotonic() - started >= 0.04
+        command = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command.connect(z.path)
+        assert z.next_request_within(5)
+        command.close()
+    finally:
+        server.close()
+    z.check_installation()
+    assert not z.stale and z.key_checked > 0
+    z.key = "files of another installation"
+    z.check_installation()
+    assert z.stale
