@@ -366,7 +366,7 @@ pyshim_venv() {
     local stamp="$PYSHIM_VENV/.pyshim-stamp" want
     # the script too: pip copies it into the venv, where an edit of ours would not show
     want="$( (cat "$PYSHIM_ROOT/pyproject.toml" "$PYSHIM_ROOT/shim/scripts/containerd-shim-pyshim-v2" \
-        /usr/bin/python3; echo editable_mode=compat) 2>/dev/null \
+        /usr/bin/python3; echo editable_mode=compat shebang=-S) 2>/dev/null \
         | sha256sum | cut -d' ' -f1)"
     if [ -x "$PYSHIM_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
         && [ -x "$PYSHIM_VENV/bin/containerd-shim-pyshim-v2" ]; then
@@ -386,6 +386,9 @@ pyshim_venv() {
         # start-up (pathlib, re, ...), which an installed pyshim would not pay.
         pyshim_quiet "$PYSHIM_VENV/bin/python" -m pip install --disable-pip-version-check -q \
             --config-settings editable_mode=compat -e "${PYSHIM_ROOT}[test]"
+        # pip writes the script's first line as `#!<env>/bin/python`, dropping any flag of
+        # ours; with -S, `start` and `delete` skip site (~2 ms each; see the script)
+        sed -i '1s|^\(#!/[^ ]*python[0-9.]*\)$|\1 -S|' "$PYSHIM_VENV/bin/containerd-shim-pyshim-v2"
         echo "$want" >"$stamp"
     ) 9>"$PYSHIM_VENV/.pyshim.lock"
 }

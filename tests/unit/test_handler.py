@@ -272,3 +272,24 @@ async def test_describe_shows_the_handler_its_hooks_and_its_queue():
     await asyncio.wait_for(worker, 5)
     described = runner.describe()
     assert (described["notification_running"], described["notifications_queued"]) == (None, 0)
+
+
+def test_a_handler_named_by_a_pth_file_loads_in_a_daemon_started_without_site(monkeypatch, tmp_path):
+    """A daemon forked by `python -S` `start` lacks the .pth files' paths until it asks site."""
+    import sys
+    import types
+
+    hooks = hooks_module
+    (tmp_path / "pth_named_handler.py").write_text(
+        "from shim.handler import Handler\nclass H(Handler):\n    pass\n")
+    ran = []
+
+    def site_main():
+        ran.append(True)
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    fake_sys = types.SimpleNamespace(flags=types.SimpleNamespace(no_site=1), modules={})
+    monkeypatch.setattr(hooks, "sys", fake_sys)
+    monkeypatch.setitem(sys.modules, "site", types.SimpleNamespace(main=site_main))
+    handler = hooks.load_handler("pth_named_handler:H", {})
+    assert ran == [True] and type(handler).__name__ == "H"
