@@ -514,7 +514,7 @@ class Bench:
 
         def is_shim(pid: int) -> bool:
             cmd = cmdline(pid)
-            return (any(os.path.basename(a) == binary for a in cmd[:2])
+            return (any(os.path.basename(a) == binary for a in cmd[:3])
                     and self.ns in cmd and cid in cmd)
 
         parent = ppid(init_pid)
@@ -760,7 +760,7 @@ class Bench:
         found = []
         for pid in e2e._all_pids():
             cmd = cmdline(pid)
-            if (any(os.path.basename(a) == binary for a in cmd[:2])
+            if (any(os.path.basename(a) == binary for a in cmd[:3])
                     and e2e._flag(cmd, "-namespace") == ns
                     and e2e._flag(cmd, "-address") == self.c.address):
                 found.append(pid)
