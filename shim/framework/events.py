@@ -38,6 +38,7 @@ from shim.api.google.protobuf import Any
 from shim.api.message_pool import default_message_pool
 from shim.framework.debug.trace import TRACER
 from shim.framework.ttrpc import Client, Code, TtrpcError
+from shim.framework.ttrpc.encode import encode
 
 log = logging.getLogger("shim.framework.events")
 
@@ -138,9 +139,9 @@ class EventPublisher:
                 timestamp=datetime.datetime.now(datetime.timezone.utc),
                 namespace=self._namespace,
                 topic=topic,
-                event=Any(type_url=event_type_url(event), value=bytes(event)),
+                event=Any(type_url=event_type_url(event), value=encode(event)),
             )
-            item = _Queued(topic, getattr(event, "container_id", ""), bytes(ForwardRequest(envelope=envelope)))
+            item = _Queued(topic, getattr(event, "container_id", ""), encode(ForwardRequest(envelope=envelope)))
             loop = self._loop
             if loop is not None and threading.get_ident() != self._loop_thread:
                 loop.call_soon_threadsafe(self._enqueue, item)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from .connection import ClientConnection, ResponseReceived
+from .encode import encode
 from .frames import ProtocolViolation
 from .status import Code, ConnectionClosed, TtrpcError
 from .wire import check_wellformed
@@ -67,7 +68,7 @@ class Client:
     ) -> T:
         """Send one unary request and return the decoded response; errors raise TtrpcError."""
         code, message, payload = await self.call_raw(
-            service, method, bytes(request), timeout=timeout, metadata=metadata
+            service, method, encode(request), timeout=timeout, metadata=metadata
         )
         if code != Code.OK:
             raise TtrpcError(code, message)

@@ -31,6 +31,7 @@ from .frames import (
     ProtocolViolation,
     encode_frame,
 )
+from .encode import encode
 from .status import Code, ConnectionClosed, TtrpcError
 from .wire import check_wellformed
 
@@ -59,7 +60,7 @@ def _encode_response(stream_id: int, payload: bytes, code: int, message: str) ->
         response = Response(payload=payload)
     else:
         response = Response(status=Status(code=int(code), message=message), payload=payload)
-    return encode_frame(stream_id, MessageType.RESPONSE, bytes(response))
+    return encode_frame(stream_id, MessageType.RESPONSE, encode(response))
 
 
 class ServerConnection:
@@ -170,7 +171,7 @@ class ClientConnection:
             timeout_nano=timeout_nano,
             metadata=[KeyValue(key=k, value=v) for k, v in metadata],
         )
-        encoded = bytes(request)
+        encoded = encode(request)
         if len(encoded) > MAX_MESSAGE_SIZE:
             raise TtrpcError(Code.RESOURCE_EXHAUSTED, _oversize_message(len(encoded)))
         stream_id = self._next_stream_id

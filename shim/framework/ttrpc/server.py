@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .connection import RequestReceived, ServerConnection
+from .encode import encode
 from .frames import ProtocolViolation
 from .status import Code, TtrpcError
 from .wire import check_wellformed
@@ -233,4 +234,4 @@ class _ServerProtocol(asyncio.Protocol):
             if deadline is not None and loop.time() >= deadline:
                 raise TtrpcError(Code.DEADLINE_EXCEEDED, f"{request.method}: context deadline exceeded") from None
             raise
-        return bytes(response) if response is not None else b""
+        return encode(response) if response is not None else b""
