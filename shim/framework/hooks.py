@@ -19,7 +19,6 @@ import asyncio
 import collections
 import importlib
 import logging
-import sys
 
 from shim.framework.handler_api import ContainerInfo, ExitInfo, Handler, ProcessInfo, Refused
 from shim.framework.ttrpc.status import Code, TtrpcError
@@ -33,29 +32,13 @@ HOOK_TIMEOUT = 30.0
 HOOK_NAMES = tuple(name for name, value in vars(Handler).items() if not name.startswith("_") and callable(value))
 
 
-def _import(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        # A daemon forked by a `start` that ran under `python -S` (the installed command's
-        # shebang) has only the environment's site-packages and pyshim's directory on its
-        # path: a handler installed with `pip install -e` is named by a .pth file that only
-        # the site module reads.
-        if not sys.flags.no_site or "site" in sys.modules:
-            raise
-        import site
-
-        site.main()
-        return importlib.import_module(module_name)
-
-
 def load_handler(spec: str, options: dict) -> Handler:
     """An instance of the class named by `spec` ("package.module:ClassName")."""
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
         raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime option Handler = {spec!r}: expected \"module:ClassName\"")
     try:
-        cls = getattr(_import(module_name), class_name)
+        cls = getattr(importlib.import_module(module_name), class_name)
     except Exception as exc:
         log.error("cannot load handler %s", spec, exc_info=True)
         raise TtrpcError(Code.INVALID_ARGUMENT, f"runtime option Handler = {spec!r}: cannot load it: {exc!r}") from None

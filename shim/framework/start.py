@@ -242,6 +242,17 @@ def start(flags, warm=None) -> int:
     os._exit(0)  # skip interpreter teardown: containerd waits for this process to exit
 
 
+def complete_sys_path() -> None:
+    """The binary's script runs under `python -S` and puts only the environment's
+    site-packages and pyshim's directory on sys.path; a daemon forked from it (no zygote)
+    imports more than `start` does: apps and handlers that only a .pth file names (`pip
+    install -e`). Let site add those, once, before the daemon imports anything of them."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+
+
 def become_daemon(flags, listener: _socket.socket) -> None:
     code = 1
     try:
@@ -250,6 +261,7 @@ def become_daemon(flags, listener: _socket.socket) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)  # containerd waits for EOF on our stdout/stderr pipe
         os.close(null)
+        complete_sys_path()
         from shim.framework.daemon import serve
 
         code = serve(flags, listener)

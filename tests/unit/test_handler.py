@@ -288,8 +288,11 @@ def test_a_handler_named_by_a_pth_file_loads_in_a_daemon_started_without_site(mo
         ran.append(True)
         monkeypatch.syspath_prepend(str(tmp_path))
 
+    from shim.framework import start
+
     fake_sys = types.SimpleNamespace(flags=types.SimpleNamespace(no_site=1), modules={})
-    monkeypatch.setattr(hooks, "sys", fake_sys)
+    monkeypatch.setattr(start, "sys", fake_sys)
     monkeypatch.setitem(sys.modules, "site", types.SimpleNamespace(main=site_main))
+    start.complete_sys_path()  # what a daemon forked by such a start does first
     handler = hooks.load_handler("pth_named_handler:H", {})
     assert ran == [True] and type(handler).__name__ == "H"

@@ -23,7 +23,6 @@ import betterproto2
 
 _VARINT_TYPES = frozenset((betterproto2.TYPE_ENUM, betterproto2.TYPE_BOOL, betterproto2.TYPE_INT32,
                            betterproto2.TYPE_INT64, betterproto2.TYPE_UINT32, betterproto2.TYPE_UINT64))
-_BYTES_TYPES = frozenset((betterproto2.TYPE_STRING, betterproto2.TYPE_BYTES))
 _SMALL = [bytes((i,)) for i in range(128)]
 
 #: message class -> its encoder, or None: betterproto2 encodes it
@@ -85,7 +84,6 @@ def _single(number: int, proto_type: str, unwrap) -> Callable[[Any], bytes] | No
 
 
 def _field(name: str, meta, default: Any) -> Callable[[Any, bytearray], None] | None:
-    single = None
     if meta.map_meta:
         key_meta, value_meta = meta.map_meta
         encode_key = _single(1, key_meta.proto_type, None)
